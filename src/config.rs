@@ -1,0 +1,100 @@
+//! The server's configuration: one clap struct, every flag also a `LEUKNET_*` environment
+//! variable, all shown by `leuknet-server --help`.
+
+use crate::engine::Device;
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// leuknet-server: classifies blood-smear images (leukemic / healthy) with the LeukNet model
+/// over REST. Research use only; not a medical device.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "leuknet-server", version, about, long_about = None)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    #[arg(long, env = "LEUKNET_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+
+    /// Model card (JSON); the ONNX file it names is loaded from the same folder.
+    #[arg(long, env = "LEUKNET_MODEL_CARD", default_value = "models/leuknet.json")]
+    pub model_card: PathBuf,
+
+    /// ONNX Runtime shared library (installed by ./scripts/setup). A relative path is tried
+    /// from the working directory, then from the repository root the binary was built in.
+    #[arg(long, env = "LEUKNET_ORT_LIBRARY", default_value = crate::engine::DEFAULT_ORT_LIBRARY)]
+    pub ort_library: PathBuf,
+
+    /// Execution provider: cuda fails at start-up if CUDA cannot be used; auto falls back to cpu.
+    #[arg(long, env = "LEUKNET_DEVICE", value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+
+    /// ONNX Runtime intra-op threads (0 = one per core).
+    #[arg(long, env = "LEUKNET_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+
+    /// Largest batch the model runs, in images.
+    #[arg(long, env = "LEUKNET_MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_batch_size: u32,
+
+    /// How long the batcher waits for more images to fill a batch while the engine is busy
+    /// or the batch is not full (ms). An idle engine with a waiting image never waits longer.
+    #[arg(long, env = "LEUKNET_MAX_QUEUE_DELAY_MS", default_value_t = 2)]
+    pub max_queue_delay_ms: u64,
+
+    /// Images that may wait in the queue; more are refused with 429 and Retry-After.
+    #[arg(long, env = "LEUKNET_MAX_QUEUE_IMAGES", default_value_t = 64)]
+    pub max_queue_images: usize,
+
+    /// Deadline for a request, queue included (ms); expired requests never reach the model (504).
+    #[arg(long, env = "LEUKNET_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+
+    /// Largest request body in bytes (413 above).
+    #[arg(long, env = "LEUKNET_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest image in pixels (width x height); checked from the header before decoding (413).
+    #[arg(long, env = "LEUKNET_MAX_PIXELS", default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+
+    /// Most images in one request (413 above).
+    #[arg(long, env = "LEUKNET_MAX_IMAGES_PER_REQUEST", default_value_t = 32)]
+    pub max_images_per_request: usize,
+
+    /// On SIGTERM/ctrl-c, how long accepted requests may take to finish (ms).
+    #[arg(long, env = "LEUKNET_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+
+    /// Log format.
+    #[arg(long, env = "LEUKNET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `leuknet=debug`).
+    #[arg(long, env = "LEUKNET_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl ServerConfig {
+    /// Resolves the ONNX Runtime library path: as given if it exists, else relative to the
+    /// repository root recorded at build time (so `cargo run` works from any folder).
+    pub fn resolved_ort_library(&self) -> PathBuf {
+        if self.ort_library.is_absolute() || self.ort_library.exists() {
+            return self.ort_library.clone();
+        }
+        let from_repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&self.ort_library);
+        if from_repo.exists() {
+            from_repo
+        } else {
+            self.ort_library.clone()
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! `POST /v1/classify`: one or more images in, one result per image out, in request order.
+//!
+//! Body (multipart `image` parts, or a raw `image/*` body) -> size and type checks ->
+//! preprocessing on the blocking pool, all images in parallel -> the batching queue -> the
+//! engine thread -> one JSON result per image.
+
+use super::error::ApiError;
+use super::AppState;
+use crate::batching::{JobError, JobOutput};
+use crate::model_card::sha256_hex;
+use crate::preprocess::{self, ImageFormat, Limits, PreprocessError};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The model's identity, repeated in each result so a stored result stands alone.
+#[derive(Debug, Serialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+/// Where the time went for one image, in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Timings {
+    pub decode_ms: f64,
+    pub queue_ms: f64,
+    pub inference_ms: f64,
+}
+
+/// Facts about the uploaded image.
+#[derive(Debug, Serialize)]
+pub struct ImageInfo {
+    pub width: u32,
+    pub height: u32,
+    pub format: &'static str,
+    pub sha256: String,
+    /// File name from the multipart part, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+}
+
+/// The answer for one image.
+#[derive(Debug, Serialize)]
+pub struct ClassifyResult {
+    pub label: String,
+    /// Probability of leukemia.
+    pub probability: f32,
+    pub threshold: f32,
+    pub model: ModelRef,
+    pub execution_provider: &'static str,
+    pub timings: Timings,
+    pub image: ImageInfo,
+    pub disclaimer: String,
+}
+
+/// The whole answer.
+#[derive(Debug, Serialize)]
+pub struct ClassifyResponse {
+    pub request_id: String,
+    pub results: Vec<ClassifyResult>,
+}
+
+struct Upload {
+    bytes: Bytes,
+    filename: Option<String>,
+}
+
+struct Decoded {
+    tensor: Vec<f32>,
+    width: u32,
+    height: u32,
+    format: ImageFormat,
+    sha256: String,
+    decode_time: Duration,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// Handles `POST /v1/classify`.
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let deadline = started + state.limits.request_timeout;
+    let _active = ActiveGuard::enter(&state);
+    if state.shutdown.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let uploads = read_uploads(&state, &headers, body).await?;
+    let decoded = decode_all(&state, uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
+
+    let (tensors, decoded): (Vec<_>, Vec<_>) = decoded
+        .into_iter()
+        .map(|mut d| (std::mem::take(&mut d.tensor), d))
+        .unzip();
+    let receivers = state.queue.submit(tensors, deadline.into()).map_err(|full| {
+        ApiError::QueueFull(full.to_string(), retry_after_secs(&state))
+    })?;
+
+    let mut outputs: Vec<JobOutput> = Vec::with_capacity(receivers.len());
+    for rx in receivers {
+        let answer = tokio::time::timeout_at(deadline.into(), rx)
+            .await
+            .map_err(|_| ApiError::DeadlineExceeded)?
+            .map_err(|_| ApiError::Internal("the engine dropped a request".into()))?;
+        outputs.push(answer.map_err(|e| match e {
+            JobError::DeadlineExceeded => ApiError::DeadlineExceeded,
+            JobError::Inference(m) => ApiError::Inference(m),
+            JobError::ShuttingDown => ApiError::ShuttingDown,
+        })?);
+    }
+
+    let card = &state.card;
+    let threshold = card.decision.threshold;
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let mut max = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let results: Vec<ClassifyResult> = decoded
+        .into_iter()
+        .zip(outputs)
+        .zip(uploads)
+        .map(|((d, out), upload)| {
+            let label = if out.probability >= threshold {
+                &card.classes.positive
+            } else {
+                &card.classes.negative
+            };
+            state.metrics.predictions.with_label_values(&[label]).inc();
+            state.metrics.prediction_score.observe(out.probability as f64);
+            max = (
+                max.0.max(d.decode_time),
+                max.1.max(out.queue_time),
+                max.2.max(out.inference_time),
+            );
+            ClassifyResult {
+                label: label.clone(),
+                probability: out.probability,
+                threshold,
+                model: ModelRef {
+                    name: card.name.clone(),
+                    version: card.version.clone(),
+                    sha256: card.sha256.clone(),
+                },
+                execution_provider: state.runtime.execution_provider,
+                timings: Timings {
+                    decode_ms: ms(d.decode_time),
+                    queue_ms: ms(out.queue_time),
+                    inference_ms: ms(out.inference_time),
+                },
+                image: ImageInfo {
+                    width: d.width,
+                    height: d.height,
+                    format: d.format.as_str(),
+                    sha256: d.sha256,
+                    filename: upload.filename,
+                },
+                disclaimer: card.disclaimer.clone(),
+            }
+        })
+        .collect();
+
+    let mut response = Json(ClassifyResponse {
+        request_id,
+        results,
+    })
+    .into_response();
+    let timing = format!(
+        "decode;dur={}, queue;dur={}, inference;dur={}, total;dur={}",
+        ms(max.0),
+        ms(max.1),
+        ms(max.2),
+        ms(started.elapsed())
+    );
+    if let Ok(v) = HeaderValue::from_str(&timing) {
+        response.headers_mut().insert("server-timing", v);
+    }
+    Ok(response)
+}
+
+/// Counts an accepted classify request until it is answered (or its client leaves).
+struct ActiveGuard<'a>(&'a AppState);
+
+impl<'a> ActiveGuard<'a> {
+    fn enter(state: &'a AppState) -> Self {
+        state.active_classify.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .active_classify
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A hint for clients refused with 429: roughly how long the queue takes to drain.
+fn retry_after_secs(state: &AppState) -> u64 {
+    let batches = state.queue.depth().div_ceil(state.runtime.max_batch_size.max(1)) as f64;
+    let per_batch = {
+        let h = &state.metrics.inference_duration;
+        let n = h.get_sample_count();
+        if n == 0 {
+            1.0
+        } else {
+            h.get_sample_sum() / n as f64
+        }
+    };
+    (batches * per_batch).ceil().clamp(1.0, 60.0) as u64
+}
+
+/// Reads the body within the size limit and splits it into uploads.
+async fn read_uploads(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<Upload>, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let multipart = essence == "multipart/form-data";
+    if !multipart && ImageFormat::from_content_type(&essence).is_none() {
+        return Err(ApiError::UnsupportedMediaType(content_type));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let bytes = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ApiError::BodyTooLarge { limit }
+            } else {
+                ApiError::BadRequest(format!("cannot read the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    if bytes.is_empty() {
+        return Err(ApiError::EmptyBody);
+    }
+    if !multipart {
+        return Ok(vec![Upload {
+            bytes,
+            filename: None,
+        }]);
+    }
+    let boundary = multer::parse_boundary(&content_type)
+        .map_err(|e| ApiError::BadRequest(format!("multipart boundary: {e}")))?;
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(bytes) });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut uploads = Vec::new();
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?
+    {
+        if field.name() != Some("image") {
+            continue;
+        }
+        if uploads.len() == state.limits.max_images {
+            return Err(ApiError::TooManyImages {
+                count: uploads.len() + 1,
+                limit: state.limits.max_images,
+            });
+        }
+        let filename = field.file_name().map(str::to_string);
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        uploads.push(Upload { bytes, filename });
+    }
+    if uploads.is_empty() {
+        return Err(ApiError::MissingImage);
+    }
+    Ok(uploads)
+}
+
+/// Preprocesses every upload in parallel on the blocking pool (bounded by the decode permits).
+async fn decode_all(state: &Arc<AppState>, uploads: Vec<Bytes>) -> Result<Vec<Decoded>, ApiError> {
+    let many = uploads.len() > 1;
+    let size = state.card.input.size;
+    let max_pixels = state.limits.max_pixels;
+    let tasks = uploads.into_iter().map(|bytes| {
+        let state = state.clone();
+        async move {
+            let _permit = state
+                .decode_permits
+                .acquire()
+                .await
+                .map_err(|_| ApiError::ShuttingDown)?;
+            let metrics = state.metrics.clone();
+            tokio::task::spawn_blocking(move || {
+                let start = Instant::now();
+                let result = preprocess::preprocess(&bytes, size, &Limits { max_pixels });
+                let decode_time = start.elapsed();
+                metrics
+                    .preprocess_duration
+                    .observe(decode_time.as_secs_f64());
+                result.map(|p| Decoded {
+                    tensor: p.tensor,
+                    width: p.width,
+                    height: p.height,
+                    format: p.format,
+                    sha256: sha256_hex(&bytes),
+                    decode_time,
+                })
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("decoder task failed: {e}")))
+        }
+    });
+    let results = futures::future::join_all(tasks).await;
+    let mut decoded = Vec::with_capacity(results.len());
+    for (i, r) in results.into_iter().enumerate() {
+        let prefix = if many { format!("image {}: ", i + 1) } else { String::new() };
+        decoded.push(r?.map_err(|e| match e {
+            PreprocessError::Empty => ApiError::EmptyBody,
+            PreprocessError::NotAnImage => ApiError::NotAnImage(format!(
+                "{prefix}not a PNG, JPEG, TIFF or BMP image"
+            )),
+            PreprocessError::TooManyPixels { .. } => ApiError::TooManyPixels(format!("{prefix}{e}")),
+            other => ApiError::CorruptImage(format!("{prefix}{other}")),
+        })?);
+    }
+    Ok(decoded)
+}

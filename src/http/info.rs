@@ -1,0 +1,81 @@
+//! Read-only routes: model info, health, metrics, the OpenAPI document and the upload page.
+
+use super::error::ApiError;
+use super::AppState;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use std::sync::Arc;
+
+/// The OpenAPI document, embedded at build time.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+const INDEX_HTML: &str = include_str!("index.html");
+
+/// `GET /v1/models`: the model card plus runtime facts.
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "models": [{
+            "card": state.card,
+            "runtime": state.runtime,
+            "ready": state.is_ready(),
+        }]
+    }))
+}
+
+/// `GET /health/live`: the process is up and answering.
+pub async fn live() -> Json<serde_json::Value> {
+    Json(json!({"status": "live"}))
+}
+
+/// `GET /health/ready`: 200 once the model is loaded and warmed, 503 before and while draining.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else if state.shutdown.is_draining() {
+        ApiError::ShuttingDown.into_response()
+    } else {
+        ApiError::NotReady.into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /openapi.yaml`.
+pub async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"))],
+        OPENAPI_YAML,
+    )
+        .into_response()
+}
+
+/// `GET /`: a minimal upload form (no script; the answer is the JSON of `/v1/classify`).
+pub async fn index() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+                ),
+            ),
+        ],
+        INDEX_HTML,
+    )
+        .into_response()
+}

@@ -1,0 +1,25 @@
+//! LeukNet: screening blood-smear images for leukemia (research use only).
+//!
+//! The crate is a library with thin binaries in `src/bin/`. Modules, top-down:
+//! - [`config`]: the server's command line (clap; every flag also a `LEUKNET_*` env var).
+//! - [`http`]: the axum router, one file per route group, and the one JSON error shape.
+//! - [`batching`]: the bounded queue and the task that cuts batches (size cap, delay, deadlines).
+//! - [`engine`]: the ONNX Runtime session, execution-provider choice and warm-up.
+//! - [`preprocess`]: bytes -> RGB -> 224x224 -> [0, 1] NCHW f32, shared by server and trainer.
+//! - [`model_card`]: the model card schema and its checks against the ONNX file.
+//! - [`onnx`]: ONNX protobuf types and the writer of the LeukNet graph.
+//! - [`fixture`]: random-weight LeukNet-shaped models for tests and benchmarks (never shipped).
+//! - [`metrics`]: every Prometheus metric, in one registry.
+//! - [`shutdown`]: the drain signal shared by listener, batcher and readiness.
+
+pub mod batching;
+pub mod config;
+pub mod engine;
+pub mod fixture;
+pub mod http;
+pub mod metrics;
+pub mod model_card;
+pub mod onnx;
+pub mod preprocess;
+pub mod server;
+pub mod shutdown;

@@ -1,0 +1,204 @@
+//! The model card (`models/<name>.json`): what the model is, how to feed it, how far to trust it.
+//!
+//! The server refuses to start unless the card's sha256 matches the ONNX file and the graph's
+//! input/output names and shapes match the card ([`ModelCard::verify_graph`]).
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Why a model card could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("cannot read model card {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("model card {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("cannot read model file {path}: {source}")]
+    ReadModel { path: PathBuf, source: std::io::Error },
+    #[error("model file {path} has sha256 {actual}, but its card says {expected}: the card does not describe this file")]
+    Sha256Mismatch { path: PathBuf, expected: String, actual: String },
+    #[error("model graph does not match its card: {0}")]
+    GraphMismatch(String),
+    #[error("model card is inconsistent: {0}")]
+    Invalid(String),
+}
+
+/// One named tensor of the graph, with its shape; `-1` marks the symbolic batch dimension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+}
+
+/// How an image must be turned into the model's input tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// Graph input name and shape, `[-1, 3, size, size]`.
+    pub tensor: TensorSpec,
+    /// Square side in pixels the image is resized to.
+    pub size: u32,
+    /// Channel order of the input tensor (`RGB`).
+    pub channel_order: String,
+    /// Memory layout (`NCHW`).
+    pub layout: String,
+    /// Range of the input values (`[0, 1]`).
+    pub value_range: [f32; 2],
+    /// The resize method, in words, so other implementations can match it.
+    pub resize: String,
+    /// Normalisation applied outside the graph (`none`: the graph normalises itself).
+    pub normalization: String,
+}
+
+/// The two classes, by output meaning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Classes {
+    /// Label when the probability is at or above the threshold.
+    pub positive: String,
+    /// Label below the threshold.
+    pub negative: String,
+}
+
+/// The decision rule and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Probability of leukemia at or above which the label is `positive`.
+    pub threshold: f32,
+    /// How the threshold was chosen (data and criterion), in words.
+    pub chosen_by: String,
+}
+
+/// The model card. Free-form sections (`architecture`, `training`, `metrics`) stay JSON so the
+/// trainer can record whatever its protocol produced without a schema change here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// File name of the ONNX graph, relative to the card.
+    pub onnx_file: String,
+    /// sha256 of the ONNX file, lowercase hex.
+    pub sha256: String,
+    pub input: InputSpec,
+    /// Graph outputs; the one named [`ModelCard::probability_output`] is read by the server.
+    pub outputs: Vec<TensorSpec>,
+    /// Name of the output that holds the probability of leukemia, shape `[-1, 1]`.
+    pub probability_output: String,
+    pub classes: Classes,
+    pub decision: Decision,
+    pub architecture: serde_json::Value,
+    pub training: serde_json::Value,
+    pub metrics: serde_json::Value,
+    pub intended_use: String,
+    pub disclaimer: String,
+    /// True for random-weight test fixtures: such a model must never be shipped or trusted.
+    #[serde(default)]
+    pub fixture: bool,
+}
+
+/// Lowercase hex sha256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl ModelCard {
+    /// Reads and parses a card from disk.
+    pub fn load(path: &Path) -> Result<Self, CardError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CardError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let card: ModelCard = serde_json::from_str(&text).map_err(|source| CardError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        card.validate()?;
+        Ok(card)
+    }
+
+    /// Internal consistency: a threshold in (0, 1), the probability output listed, a 4-d input.
+    pub fn validate(&self) -> Result<(), CardError> {
+        if !(self.decision.threshold > 0.0 && self.decision.threshold < 1.0) {
+            return Err(CardError::Invalid(format!(
+                "decision threshold {} is not inside (0, 1)",
+                self.decision.threshold
+            )));
+        }
+        if !self.outputs.iter().any(|o| o.name == self.probability_output) {
+            return Err(CardError::Invalid(format!(
+                "probability output {:?} is not among the outputs",
+                self.probability_output
+            )));
+        }
+        let s = self.input.size as i64;
+        if self.input.tensor.shape.len() != 4 || self.input.tensor.shape[1..] != [3, s, s] {
+            return Err(CardError::Invalid(format!(
+                "input shape {:?} is not [-1, 3, {s}, {s}]",
+                self.input.tensor.shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// Path of the ONNX file this card describes, relative to the card's own location.
+    pub fn onnx_path(&self, card_path: &Path) -> PathBuf {
+        card_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(&self.onnx_file)
+    }
+
+    /// Reads the model file, checks its sha256 against the card and returns the bytes.
+    pub fn read_verified_model(&self, model_path: &Path) -> Result<Vec<u8>, CardError> {
+        let bytes = std::fs::read(model_path).map_err(|source| CardError::ReadModel {
+            path: model_path.to_path_buf(),
+            source,
+        })?;
+        let actual = sha256_hex(&bytes);
+        if actual != self.sha256 {
+            return Err(CardError::Sha256Mismatch {
+                path: model_path.to_path_buf(),
+                expected: self.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Checks the graph's declared inputs and outputs (as read by the engine) against the card.
+    /// Every card output must exist with the same shape; the graph may have more outputs.
+    pub fn verify_graph(
+        &self,
+        inputs: &[TensorSpec],
+        outputs: &[TensorSpec],
+    ) -> Result<(), CardError> {
+        match inputs {
+            [only] if only == &self.input.tensor => {}
+            _ => {
+                return Err(CardError::GraphMismatch(format!(
+                    "graph inputs {inputs:?}, card expects exactly {:?}",
+                    self.input.tensor
+                )))
+            }
+        }
+        for want in &self.outputs {
+            match outputs.iter().find(|o| o.name == want.name) {
+                Some(got) if got == want => {}
+                Some(got) => {
+                    return Err(CardError::GraphMismatch(format!(
+                        "output {:?} has shape {:?}, card says {:?}",
+                        want.name, got.shape, want.shape
+                    )))
+                }
+                None => {
+                    return Err(CardError::GraphMismatch(format!(
+                        "output {:?} is missing; the graph has {:?}",
+                        want.name,
+                        outputs.iter().map(|o| &o.name).collect::<Vec<_>>()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,421 @@
+//! The ONNX writer against an independent reference: tiny LeukNet graphs are written, run in
+//! ONNX Runtime, and compared with a plain-loop forward pass written here from the definition
+//! (zero-padded 3x3 conv, ReLU, 2x2 max-pool, linear, sigmoid).
+
+use leuknet::engine::{init_runtime, Device, Engine, EngineOptions, DEFAULT_ORT_LIBRARY};
+use leuknet::model_card::{Classes, Decision, InputSpec, ModelCard, TensorSpec};
+use leuknet::onnx::writer::{
+    write_leuknet, InputNormalization, LeukNetSpec, OnnxWriteError, VggLayer, INPUT_NAME,
+    LOGIT_OUTPUT, PROBABILITY_OUTPUT,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::Path;
+
+const BATCH: usize = 3;
+const TOLERANCE: f64 = 1e-4;
+
+fn runtime() {
+    if let Err(e) = init_runtime(Path::new(DEFAULT_ORT_LIBRARY)) {
+        panic!("ONNX Runtime is needed for this test ({e}); run ./scripts/setup first");
+    }
+}
+
+fn tiny_spec(normalization: Option<InputNormalization>) -> LeukNetSpec {
+    LeukNetSpec {
+        conv: vec![
+            VggLayer::Conv(4),
+            VggLayer::MaxPool,
+            VggLayer::Conv(8),
+            VggLayer::MaxPool,
+        ],
+        head: vec![8, 4],
+        input_size: 16,
+        normalization,
+    }
+}
+
+/// He-uniform weights and small biases, so activations stay of order 1 and logits are not
+/// saturated (a saturated sigmoid would hide logit errors).
+fn random_weights(spec: &LeukNetSpec, rng: &mut StdRng) -> HashMap<String, Vec<f32>> {
+    spec.parameter_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let len: usize = shape.iter().product();
+            let values = if name.ends_with(".bias") {
+                (0..len).map(|_| rng.random_range(-0.1f32..0.1)).collect()
+            } else {
+                let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+                let bound = (6.0 / fan_in as f32).sqrt();
+                (0..len).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            (name, values)
+        })
+        .collect()
+}
+
+fn card(spec: &LeukNetSpec, probability_output: &str) -> ModelCard {
+    let s = spec.input_size as i64;
+    let tensor = |name: &str, shape: Vec<i64>| TensorSpec {
+        name: name.into(),
+        shape,
+    };
+    ModelCard {
+        name: "writer-test".into(),
+        version: "0".into(),
+        description: "test".into(),
+        onnx_file: "unused.onnx".into(),
+        sha256: String::new(),
+        input: InputSpec {
+            tensor: tensor(INPUT_NAME, vec![-1, 3, s, s]),
+            size: spec.input_size as u32,
+            channel_order: "RGB".into(),
+            layout: "NCHW".into(),
+            value_range: [0.0, 1.0],
+            resize: "none".into(),
+            normalization: "in graph".into(),
+        },
+        outputs: vec![
+            tensor(LOGIT_OUTPUT, vec![-1, 1]),
+            tensor(PROBABILITY_OUTPUT, vec![-1, 1]),
+        ],
+        probability_output: probability_output.into(),
+        classes: Classes {
+            positive: "p".into(),
+            negative: "n".into(),
+        },
+        decision: Decision {
+            threshold: 0.5,
+            chosen_by: "test".into(),
+        },
+        architecture: serde_json::Value::Null,
+        training: serde_json::Value::Null,
+        metrics: serde_json::Value::Null,
+        intended_use: "test".into(),
+        disclaimer: "test".into(),
+        fixture: true,
+    }
+}
+
+/// Runs the model in ONNX Runtime and returns (logits, probabilities). The engine reads the
+/// card's `probability_output`, so one engine per output reads both.
+fn run_onnx(spec: &LeukNetSpec, model: &[u8], images: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    runtime();
+    let options = EngineOptions {
+        device: Device::Cpu,
+        intra_threads: 1,
+    };
+    let mut read = |output: &str| {
+        let mut engine = Engine::load(model, &card(spec, output), &options)
+            .unwrap_or_else(|e| panic!("ONNX Runtime rejected the written graph: {e}"));
+        engine
+            .run(images.to_vec(), BATCH)
+            .unwrap_or_else(|e| panic!("running the written graph failed: {e}"))
+    };
+    (read(LOGIT_OUTPUT), read(PROBABILITY_OUTPUT))
+}
+
+// ---- reference forward pass, f64, plain loops ----
+
+struct Map {
+    c: usize,
+    side: usize,
+    v: Vec<f64>,
+}
+
+impl Map {
+    fn at(&self, c: usize, y: isize, x: isize) -> f64 {
+        let s = self.side as isize;
+        if y < 0 || x < 0 || y >= s || x >= s {
+            0.0
+        } else {
+            self.v[(c * self.side + y as usize) * self.side + x as usize]
+        }
+    }
+}
+
+fn normalize(image: &[f32], side: usize, n: &InputNormalization) -> Map {
+    let mut v = vec![0.0; 3 * side * side];
+    for c in 0..3 {
+        let src = if n.reverse_channels { 2 - c } else { c };
+        for k in 0..side * side {
+            let x = image[src * side * side + k] as f64;
+            v[c * side * side + k] = (x * n.scale as f64 - n.mean[c] as f64) / n.std[c] as f64;
+        }
+    }
+    Map { c: 3, side, v }
+}
+
+fn conv3x3_relu(input: &Map, weight: &[f32], bias: &[f32], out_c: usize) -> Map {
+    let s = input.side;
+    let mut v = vec![0.0; out_c * s * s];
+    for o in 0..out_c {
+        for y in 0..s {
+            for x in 0..s {
+                let mut acc = bias[o] as f64;
+                for i in 0..input.c {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let w = weight[((o * input.c + i) * 3 + ky) * 3 + kx] as f64;
+                            acc += w * input.at(
+                                i,
+                                y as isize + ky as isize - 1,
+                                x as isize + kx as isize - 1,
+                            );
+                        }
+                    }
+                }
+                v[(o * s + y) * s + x] = acc.max(0.0);
+            }
+        }
+    }
+    Map {
+        c: out_c,
+        side: s,
+        v,
+    }
+}
+
+fn max_pool(input: &Map) -> Map {
+    let s = input.side / 2;
+    let mut v = vec![0.0; input.c * s * s];
+    for c in 0..input.c {
+        for y in 0..s {
+            for x in 0..s {
+                let mut m = f64::NEG_INFINITY;
+                for dy in 0..2 {
+                    for dx in 0..2 {
+                        m = m.max(input.at(c, (2 * y + dy) as isize, (2 * x + dx) as isize));
+                    }
+                }
+                v[(c * s + y) * s + x] = m;
+            }
+        }
+    }
+    Map {
+        c: input.c,
+        side: s,
+        v,
+    }
+}
+
+fn linear(input: &[f64], weight: &[f32], bias: &[f32]) -> Vec<f64> {
+    let n_in = input.len();
+    (0..bias.len())
+        .map(|o| {
+            bias[o] as f64
+                + (0..n_in)
+                    .map(|i| weight[o * n_in + i] as f64 * input[i])
+                    .sum::<f64>()
+        })
+        .collect()
+}
+
+/// Returns (logit, probability) of one image, computed from the layer definitions.
+fn reference(spec: &LeukNetSpec, w: &HashMap<String, Vec<f32>>, image: &[f32]) -> (f64, f64) {
+    let side = spec.input_size;
+    let identity = InputNormalization {
+        reverse_channels: false,
+        scale: 1.0,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+    let mut map = normalize(
+        image,
+        side,
+        spec.normalization.as_ref().unwrap_or(&identity),
+    );
+    let mut index = 0;
+    for layer in &spec.conv {
+        match *layer {
+            VggLayer::Conv(out_c) => {
+                map = conv3x3_relu(
+                    &map,
+                    &w[&format!("features.{index}.weight")],
+                    &w[&format!("features.{index}.bias")],
+                    out_c,
+                );
+                index += 2;
+            }
+            VggLayer::MaxPool => {
+                map = max_pool(&map);
+                index += 1;
+            }
+        }
+    }
+    let mut x = map.v;
+    for j in 0..spec.head.len() {
+        let k = 3 * j;
+        x = linear(
+            &x,
+            &w[&format!("classifier.{k}.weight")],
+            &w[&format!("classifier.{k}.bias")],
+        );
+        x.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+    let k = 3 * spec.head.len();
+    let logit = linear(
+        &x,
+        &w[&format!("classifier.{k}.weight")],
+        &w[&format!("classifier.{k}.bias")],
+    );
+    assert_eq!(logit.len(), 1);
+    (logit[0], 1.0 / (1.0 + (-logit[0]).exp()))
+}
+
+fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn check_against_reference(normalization: Option<InputNormalization>, seed: u64) {
+    let spec = tiny_spec(normalization);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let weights = random_weights(&spec, &mut rng);
+    let image_len = 3 * spec.input_size * spec.input_size;
+    let images: Vec<f32> = (0..BATCH * image_len)
+        .map(|_| rng.random::<f32>())
+        .collect();
+
+    let model = write_leuknet(&spec, &weights).expect("tiny spec with all weights writes");
+    let (logits, probabilities) = run_onnx(&spec, &model, &images);
+
+    let expected: Vec<(f64, f64)> = images
+        .chunks(image_len)
+        .map(|image| reference(&spec, &weights, image))
+        .collect();
+    let want_logits: Vec<f64> = expected.iter().map(|e| e.0).collect();
+    let want_probs: Vec<f64> = expected.iter().map(|e| e.1).collect();
+    let d_logit = max_abs_diff(&logits, &want_logits);
+    let d_prob = max_abs_diff(&probabilities, &want_probs);
+    assert!(
+        d_logit <= TOLERANCE && d_prob <= TOLERANCE,
+        "ONNX vs reference: logits {logits:?} vs {want_logits:?} (max diff {d_logit:e}), \
+         probabilities {probabilities:?} vs {want_probs:?} (max diff {d_prob:e})"
+    );
+    // The comparison must be able to fail: images should not all give the same answer.
+    let spread = want_logits.iter().cloned().fold(f64::MIN, f64::max)
+        - want_logits.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread > 1e-3, "degenerate test: logits {want_logits:?}");
+
+    if let Some(n) = normalization {
+        // Without the channel reversal the reference must disagree, or the test proves nothing.
+        let unreversed = tiny_spec(Some(InputNormalization {
+            reverse_channels: false,
+            ..n
+        }));
+        let other: Vec<f64> = images
+            .chunks(image_len)
+            .map(|image| reference(&unreversed, &weights, image).0)
+            .collect();
+        assert!(max_abs_diff(&logits, &other) > 100.0 * TOLERANCE);
+    }
+}
+
+#[test]
+fn matches_reference_without_normalization() {
+    check_against_reference(None, 7);
+}
+
+#[test]
+fn matches_reference_with_reversed_channels_and_mean_std() {
+    check_against_reference(
+        Some(InputNormalization {
+            reverse_channels: true,
+            scale: 255.0,
+            mean: [100.0, 120.0, 130.0],
+            std: [50.0, 60.0, 70.0],
+        }),
+        11,
+    );
+}
+
+#[test]
+fn vgg16_conv_base_has_13_layers_and_14_714_688_parameters() {
+    let shapes = LeukNetSpec::vgg16().parameter_shapes();
+    let conv: Vec<_> = shapes
+        .iter()
+        .filter(|(name, _)| name.starts_with("features."))
+        .collect();
+    let weights: Vec<&str> = conv
+        .iter()
+        .filter(|(name, _)| name.ends_with(".weight"))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let want: Vec<String> = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+        .iter()
+        .map(|i| format!("features.{i}.weight"))
+        .collect();
+    assert_eq!(weights, want);
+    let total: usize = conv.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    assert_eq!(total, 14_714_688);
+    let head: Vec<(&str, &[usize])> = shapes
+        .iter()
+        .filter(|(name, _)| name.starts_with("classifier."))
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    assert_eq!(
+        head,
+        vec![
+            ("classifier.0.weight", &[1024, 25088][..]),
+            ("classifier.0.bias", &[1024][..]),
+            ("classifier.3.weight", &[256, 1024][..]),
+            ("classifier.3.bias", &[256][..]),
+            ("classifier.6.weight", &[1, 256][..]),
+            ("classifier.6.bias", &[1][..]),
+        ]
+    );
+    assert_eq!(LeukNetSpec::vgg19().parameter_shapes().len(), 2 * (16 + 3));
+}
+
+#[test]
+fn width_div_narrows_every_layer() {
+    let spec = LeukNetSpec::vgg16().with_width_div(16);
+    assert_eq!(spec.conv[0], VggLayer::Conv(4));
+    assert_eq!(spec.head, vec![64, 16]);
+    assert_eq!(LeukNetSpec::vgg16().with_width_div(10_000).head, vec![1, 1]);
+}
+
+#[test]
+fn missing_tensor_is_an_error_naming_it() {
+    let spec = tiny_spec(None);
+    let mut weights = random_weights(&spec, &mut StdRng::seed_from_u64(1));
+    weights.remove("features.3.bias");
+    let err = write_leuknet(&spec, &weights).expect_err("a missing tensor must fail");
+    assert!(
+        matches!(&err, OnnxWriteError::MissingWeight { name, .. } if name == "features.3.bias"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("features.3.bias"), "{err}");
+}
+
+#[test]
+fn wrong_sized_tensor_is_an_error_naming_it() {
+    let spec = tiny_spec(None);
+    let mut weights = random_weights(&spec, &mut StdRng::seed_from_u64(2));
+    weights
+        .get_mut("classifier.3.weight")
+        .expect("present")
+        .pop();
+    let err = write_leuknet(&spec, &weights).expect_err("a short tensor must fail");
+    assert!(
+        matches!(&err, OnnxWriteError::WrongSize { name, got: 31, expected: 32, .. }
+            if name == "classifier.3.weight"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("classifier.3.weight"), "{err}");
+}
+
+#[test]
+fn spec_that_pools_to_nothing_is_rejected() {
+    let mut spec = tiny_spec(None);
+    spec.input_size = 3;
+    let weights = random_weights(&spec, &mut StdRng::seed_from_u64(3));
+    assert!(matches!(
+        write_leuknet(&spec, &weights),
+        Err(OnnxWriteError::InvalidSpec(_))
+    ));
+}
