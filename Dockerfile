@@ -37,8 +37,10 @@ RUN set -eu; \
     cargo build --release --locked --bin leuknet-server; \
     rm -rf src
 
-# 2. The crate itself. COPY keeps the files' own mtimes, which can be older than the stub build,
-#    so touch them: cargo must see the real sources as newer than the cached stub artefacts.
+# 2. The crate itself, and openapi.yaml, which src/http embeds with include_str!. COPY keeps the
+#    files' own mtimes, which can be older than the stub build, so touch them: cargo must see the
+#    real sources as newer than the cached stub artefacts.
+COPY openapi.yaml ./
 COPY src/ src/
 RUN find src -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --bin leuknet-server \

@@ -189,7 +189,9 @@ pub enum PreprocessError {
     #[error("empty upload: no image bytes")]
     Empty,
     /// The bytes are not a PNG, JPEG, TIFF or BMP file (unknown magic bytes).
-    #[error("not a supported image: expected PNG, JPEG, TIFF or BMP (unrecognised file signature)")]
+    #[error(
+        "not a supported image: expected PNG, JPEG, TIFF or BMP (unrecognised file signature)"
+    )]
     NotAnImage,
     /// The format was recognised but the file is corrupt, truncated, or uses a variant the
     /// decoders do not support (e.g. arithmetic-coded or 12-bit JPEG, palette TIFF).

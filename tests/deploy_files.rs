@@ -259,7 +259,9 @@ fn match_segments(pat: &[&str], path: &[&str]) -> bool {
         (Some(&"**"), _) => {
             match_segments(&pat[1..], path) || (!path.is_empty() && match_segments(pat, &path[1..]))
         }
-        (Some(p), Some(s)) => match_glob(p.as_bytes(), s.as_bytes()) && match_segments(&pat[1..], &path[1..]),
+        (Some(p), Some(s)) => {
+            match_glob(p.as_bytes(), s.as_bytes()) && match_segments(&pat[1..], &path[1..])
+        }
         _ => false,
     }
 }
@@ -304,7 +306,9 @@ fn check_leuknet_env(env: &BTreeMap<String, String>, source: &str) -> Vec<String
         }
     }
     if let Err(e) = <leuknet::config::ServerConfig as clap::Parser>::try_parse_from(&argv) {
-        problems.push(format!("{source}: {argv:?} is not a valid server configuration: {e}"));
+        problems.push(format!(
+            "{source}: {argv:?} is not a valid server configuration: {e}"
+        ));
     }
     problems
 }
@@ -352,8 +356,13 @@ fn deploy_from(compose_text: &str, dockerfile_text: Option<&str>) -> Deploy {
     }
 }
 
+/// The last stage (the image that runs); an empty one if the text has no FROM.
 fn final_stage(text: &str) -> Stage {
-    stages(text).pop().expect("the Dockerfile has a FROM")
+    stages(text).pop().unwrap_or(Stage {
+        name: None,
+        image: String::new(),
+        instrs: Vec::new(),
+    })
 }
 
 /// The port EXPOSEd by the final stage (exactly one).
@@ -460,13 +469,18 @@ fn effective_env(d: &Deploy) -> BTreeMap<String, String> {
 
 fn image_tag_problem(image: &str, what: &str) -> Option<String> {
     let name = image.split('@').next().unwrap_or(image);
-    let tag = name.rsplit_once(':').map(|(_, t)| t).filter(|t| !t.contains('/'));
+    let tag = name
+        .rsplit_once(':')
+        .map(|(_, t)| t)
+        .filter(|t| !t.contains('/'));
     match tag {
         None => Some(format!("{what}: image {image:?} has no tag; pin a version")),
-        Some("latest") => Some(format!("{what}: image {image:?} uses :latest; pin a version")),
-        Some(t) if !t.chars().any(|c| c.is_ascii_digit()) => {
-            Some(format!("{what}: image {image:?} tag {t:?} names no version"))
-        }
+        Some("latest") => Some(format!(
+            "{what}: image {image:?} uses :latest; pin a version"
+        )),
+        Some(t) if !t.chars().any(|c| c.is_ascii_digit()) => Some(format!(
+            "{what}: image {image:?} tag {t:?} names no version"
+        )),
         _ => None,
     }
 }
@@ -485,7 +499,11 @@ fn check_copy_sources(d: &Deploy) -> Vec<String> {
             .flat_map(|(i, s)| [s.name.clone(), Some(i.to_string())])
             .flatten()
             .collect();
-        for i in stage.instrs.iter().filter(|i| i.keyword == "COPY" || i.keyword == "ADD") {
+        for i in stage
+            .instrs
+            .iter()
+            .filter(|i| i.keyword == "COPY" || i.keyword == "ADD")
+        {
             let (flags, args) = flags_and_args(&i.rest);
             if let Some(from) = flags.get("from") {
                 if !earlier.contains(from) {
@@ -497,13 +515,19 @@ fn check_copy_sources(d: &Deploy) -> Vec<String> {
                 continue;
             }
             if args.len() < 2 {
-                problems.push(format!("line {}: COPY needs a source and a destination", i.line));
+                problems.push(format!(
+                    "line {}: COPY needs a source and a destination",
+                    i.line
+                ));
                 continue;
             }
             for src in &args[..args.len() - 1] {
                 let rel = src.trim_start_matches("./");
                 if rel.contains(['*', '?', '[']) {
-                    problems.push(format!("line {}: COPY source {src:?} is a glob; name files", i.line));
+                    problems.push(format!(
+                        "line {}: COPY source {src:?} is a glob; name files",
+                        i.line
+                    ));
                 } else if !d.context.join(rel).exists() {
                     problems.push(format!(
                         "line {}: COPY source {src:?} does not exist in the build context {}",
@@ -544,14 +568,24 @@ fn check_healthcheck_and_ports(d: &Deploy) -> Vec<String> {
     let stage = final_stage(&d.dockerfile_text);
     let exposed = exposed_ports(&d.dockerfile_text);
     if exposed.len() != 1 {
-        problems.push(format!("the final stage should EXPOSE exactly one port, got {exposed:?}"));
+        problems.push(format!(
+            "the final stage should EXPOSE exactly one port, got {exposed:?}"
+        ));
     }
     let port = exposed.first().copied();
-    match stage.instrs.iter().rev().find(|i| i.keyword == "HEALTHCHECK") {
+    match stage
+        .instrs
+        .iter()
+        .rev()
+        .find(|i| i.keyword == "HEALTHCHECK")
+    {
         None => problems.push("the final stage has no HEALTHCHECK".into()),
         Some(h) => {
             if !h.rest.contains("/health/ready") {
-                problems.push(format!("line {}: HEALTHCHECK does not probe /health/ready: {}", h.line, h.rest));
+                problems.push(format!(
+                    "line {}: HEALTHCHECK does not probe /health/ready: {}",
+                    h.line, h.rest
+                ));
             } else if port_in_url(&h.rest, "/health/ready") != port {
                 problems.push(format!(
                     "line {}: HEALTHCHECK probes port {:?}, EXPOSE says {port:?}",
@@ -563,14 +597,16 @@ fn check_healthcheck_and_ports(d: &Deploy) -> Vec<String> {
     }
     let env: BTreeMap<_, _> = stage_env(&stage).into_iter().collect();
     match env.get("LEUKNET_ADDR") {
-        None => problems.push("the final stage sets no LEUKNET_ADDR (the default listens on loopback only)".into()),
+        None => problems.push(
+            "the final stage sets no LEUKNET_ADDR (the default listens on loopback only)".into(),
+        ),
         Some(addr) => match addr.parse::<std::net::SocketAddr>() {
-            Ok(a) if !a.ip().is_unspecified() => {
-                problems.push(format!("LEUKNET_ADDR={addr} is unreachable from outside the container"))
-            }
-            Ok(a) if Some(a.port()) != port => {
-                problems.push(format!("LEUKNET_ADDR={addr} listens on another port than EXPOSE {port:?}"))
-            }
+            Ok(a) if !a.ip().is_unspecified() => problems.push(format!(
+                "LEUKNET_ADDR={addr} is unreachable from outside the container"
+            )),
+            Ok(a) if Some(a.port()) != port => problems.push(format!(
+                "LEUKNET_ADDR={addr} listens on another port than EXPOSE {port:?}"
+            )),
             Ok(_) => {}
             Err(e) => problems.push(format!("LEUKNET_ADDR={addr}: {e}")),
         },
@@ -584,7 +620,9 @@ fn check_healthcheck_and_ports(d: &Deploy) -> Vec<String> {
 fn check_runtime_paths(d: &Deploy) -> Vec<String> {
     let mut problems = Vec::new();
     let all = stages(&d.dockerfile_text);
-    let stage = all.last().expect("a stage");
+    let Some(stage) = all.last() else {
+        return vec!["the Dockerfile has no FROM".into()];
+    };
     let copied: Vec<(String, String)> = stage
         .instrs
         .iter()
@@ -597,10 +635,17 @@ fn check_runtime_paths(d: &Deploy) -> Vec<String> {
     let lands_in = |path: &str| {
         copied
             .iter()
-            .find(|(_, dst)| path == dst.as_str() || (dst.ends_with('/') && path.starts_with(dst.as_str())))
+            .find(|(_, dst)| {
+                path == dst.as_str() || (dst.ends_with('/') && path.starts_with(dst.as_str()))
+            })
             .map(|(from, _)| from.clone())
     };
-    match stage.instrs.iter().rev().find(|i| i.keyword == "ENTRYPOINT") {
+    match stage
+        .instrs
+        .iter()
+        .rev()
+        .find(|i| i.keyword == "ENTRYPOINT")
+    {
         None => problems.push("the final stage has no ENTRYPOINT".into()),
         Some(i) => {
             let argv = words(&i.rest);
@@ -626,7 +671,9 @@ fn check_runtime_paths(d: &Deploy) -> Vec<String> {
         None => problems.push("the final stage sets no LEUKNET_ORT_LIBRARY".into()),
         Some(lib) => {
             if lands_in(lib).is_none() {
-                problems.push(format!("LEUKNET_ORT_LIBRARY={lib} is not under a folder copied from a build stage"));
+                problems.push(format!(
+                    "LEUKNET_ORT_LIBRARY={lib} is not under a folder copied from a build stage"
+                ));
             }
             if !lib.ends_with(&format!("/{want_file}")) {
                 problems.push(format!(
@@ -660,19 +707,29 @@ fn check_builds_and_bases(d: &Deploy) -> Vec<String> {
     let names: BTreeSet<_> = all.iter().filter_map(|s| s.name.clone()).collect();
     for (i, s) in all.iter().enumerate() {
         if !names.contains(&s.image) {
-            problems.extend(image_tag_problem(&s.image, &format!("FROM of stage {}", stage_label(s, i))));
+            problems.extend(image_tag_problem(
+                &s.image,
+                &format!("FROM of stage {}", stage_label(s, i)),
+            ));
         }
         for r in s.instrs.iter().filter(|i| i.keyword == "RUN") {
             let toks: Vec<&str> = r.rest.split_whitespace().collect();
             for w in toks.windows(2).filter(|w| w[0] == "--bin") {
                 let bin = w[1].trim_end_matches(';');
                 if !d.context.join(format!("src/bin/{bin}.rs")).is_file() {
-                    problems.push(format!("line {}: cargo builds --bin {bin}, but src/bin/{bin}.rs is missing", r.line));
+                    problems.push(format!(
+                        "line {}: cargo builds --bin {bin}, but src/bin/{bin}.rs is missing",
+                        r.line
+                    ));
                 }
             }
         }
     }
-    if !all.iter().flat_map(|s| &s.instrs).any(|i| i.keyword == "RUN" && i.rest.contains("--bin leuknet-server")) {
+    if !all
+        .iter()
+        .flat_map(|s| &s.instrs)
+        .any(|i| i.keyword == "RUN" && i.rest.contains("--bin leuknet-server"))
+    {
         problems.push("no RUN builds --bin leuknet-server".into());
     }
     problems
@@ -688,14 +745,17 @@ fn check_included_files(d: &Deploy) -> Vec<String> {
         .filter(|i| i.keyword == "COPY")
         .filter_map(|i| {
             let (flags, args) = flags_and_args(&i.rest);
-            (!flags.contains_key("from") && args.len() >= 2).then(|| args[..args.len() - 1].to_vec())
+            (!flags.contains_key("from") && args.len() >= 2)
+                .then(|| args[..args.len() - 1].to_vec())
         })
         .flatten()
         .map(|s| d.context.join(s.trim_start_matches("./")))
         .collect();
     let mut stack = vec![d.context.join("src")];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
@@ -709,21 +769,31 @@ fn check_included_files(d: &Deploy) -> Vec<String> {
             for mac in ["include_str!(", "include_bytes!("] {
                 for (at, _) in text.match_indices(mac) {
                     let after = text[at + mac.len()..].trim_start();
-                    let Some(lit) = after.strip_prefix('"') else { continue }; // concat!/env!: OUT_DIR
+                    let Some(lit) = after.strip_prefix('"') else {
+                        continue;
+                    }; // concat!/env!: OUT_DIR
                     let Some(end) = lit.find('"') else { continue };
                     let target = path.parent().unwrap_or(Path::new(".")).join(&lit[..end]);
-                    let shown = format!("{} includes {:?}", path.strip_prefix(&d.context).unwrap_or(&path).display(), &lit[..end]);
+                    let shown = format!(
+                        "{} includes {:?}",
+                        path.strip_prefix(&d.context).unwrap_or(&path).display(),
+                        &lit[..end]
+                    );
                     let Ok(canon) = target.canonicalize() else {
                         problems.push(format!("{shown}, which does not exist"));
                         continue;
                     };
-                    let in_copy = copied.iter().any(|c| c.canonicalize().is_ok_and(|c| canon.starts_with(c)));
+                    let in_copy = copied
+                        .iter()
+                        .any(|c| c.canonicalize().is_ok_and(|c| canon.starts_with(c)));
                     let rel = canon
                         .strip_prefix(d.context.canonicalize().unwrap_or_default())
                         .map(|p| p.to_string_lossy().to_string())
                         .unwrap_or_default();
                     if !in_copy {
-                        problems.push(format!("{shown}, which the Dockerfile does not COPY into the builder"));
+                        problems.push(format!(
+                            "{shown}, which the Dockerfile does not COPY into the builder"
+                        ));
                     } else if d.dockerignore.is_excluded(&rel) {
                         problems.push(format!("{shown}, which .dockerignore excludes"));
                     }
@@ -744,47 +814,74 @@ fn check_compose_leuknet(d: &Deploy) -> Vec<String> {
         return vec!["docker-compose.yml has no service `leuknet`".into()];
     }
     if !d.context.is_dir() {
-        problems.push(format!("build context {} is not a folder", d.context.display()));
+        problems.push(format!(
+            "build context {} is not a folder",
+            d.context.display()
+        ));
     }
     let dockerfile = svc["build"]["dockerfile"].as_str().unwrap_or("Dockerfile");
     if !d.context.join(dockerfile).is_file() {
-        problems.push(format!("build.dockerfile {dockerfile} does not exist in the context"));
+        problems.push(format!(
+            "build.dockerfile {dockerfile} does not exist in the context"
+        ));
     }
     let declared: BTreeSet<String> = d.compose["volumes"]
         .as_mapping()
-        .map(|m| m.keys().filter_map(|k| k.as_str().map(str::to_string)).collect())
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     for (name, service) in d.compose["services"].as_mapping().into_iter().flatten() {
         let name = name.as_str().unwrap_or("?");
         for (src, dst, _) in volumes(service) {
             if is_bind_source(&src) {
                 if !d.compose_dir.join(&src).exists() {
-                    problems.push(format!("service {name}: volume source {src} (for {dst}) does not exist"));
+                    problems.push(format!(
+                        "service {name}: volume source {src} (for {dst}) does not exist"
+                    ));
                 }
             } else if !declared.contains(&src) {
-                problems.push(format!("service {name}: named volume {src} is not declared under top-level volumes"));
+                problems.push(format!(
+                    "service {name}: named volume {src} is not declared under top-level volumes"
+                ));
             }
         }
     }
     // The model folder: a read-only bind of an existing folder where LEUKNET_MODEL_CARD points.
     let env = effective_env(d);
     let card = env.get("LEUKNET_MODEL_CARD").cloned().unwrap_or_default();
-    let card_dir = Path::new(&card).parent().map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
-    match volumes(svc).into_iter().find(|(_, dst, _)| dst.trim_end_matches('/') == card_dir) {
-        None => problems.push(format!("no volume is mounted at {card_dir:?}, the folder of LEUKNET_MODEL_CARD={card:?}")),
+    let card_dir = Path::new(&card)
+        .parent()
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
+    match volumes(svc)
+        .into_iter()
+        .find(|(_, dst, _)| dst.trim_end_matches('/') == card_dir)
+    {
+        None => problems.push(format!(
+            "no volume is mounted at {card_dir:?}, the folder of LEUKNET_MODEL_CARD={card:?}"
+        )),
         Some((src, _, ro)) => {
             if !ro {
-                problems.push(format!("the model volume {src} is not mounted read-only (:ro)"));
+                problems.push(format!(
+                    "the model volume {src} is not mounted read-only (:ro)"
+                ));
             }
             if !is_bind_source(&src) || !d.compose_dir.join(&src).is_dir() {
-                problems.push(format!("the model volume source {src} is not a folder in the repository"));
+                problems.push(format!(
+                    "the model volume source {src} is not a folder in the repository"
+                ));
             }
         }
     }
     let exposed = exposed_ports(&d.dockerfile_text);
     let published = published_container_ports(svc);
     if exposed.is_empty() || !exposed.iter().all(|p| published.contains(p)) {
-        problems.push(format!("compose publishes container ports {published:?}, the Dockerfile EXPOSEs {exposed:?}"));
+        problems.push(format!(
+            "compose publishes container ports {published:?}, the Dockerfile EXPOSEs {exposed:?}"
+        ));
     }
     let devices = svc["deploy"]["resources"]["reservations"]["devices"].as_sequence();
     let gpu = devices.into_iter().flatten().any(|dev| {
@@ -799,10 +896,12 @@ fn check_compose_leuknet(d: &Deploy) -> Vec<String> {
     }
     let hc = serde_yaml_ng::to_string(&svc["healthcheck"]["test"]).unwrap_or_default();
     match port_in_url(&hc, "/health/ready") {
-        None => problems.push(format!("the compose healthcheck does not probe /health/ready: {hc}")),
-        Some(p) if !exposed.contains(&p) => {
-            problems.push(format!("the compose healthcheck probes port {p}, the server listens on {exposed:?}"))
-        }
+        None => problems.push(format!(
+            "the compose healthcheck does not probe /health/ready: {hc}"
+        )),
+        Some(p) if !exposed.contains(&p) => problems.push(format!(
+            "the compose healthcheck probes port {p}, the server listens on {exposed:?}"
+        )),
         Some(_) => {}
     }
     problems.extend(check_leuknet_env(&compose_env(svc), "docker-compose.yml"));
@@ -822,7 +921,10 @@ fn check_prometheus(d: &Deploy, prometheus_yml: Option<&str>) -> Vec<String> {
     }
     problems.extend(image_tag_problem(image, "service prometheus"));
     let args: Vec<String> = match &svc["command"] {
-        Value::Sequence(s) => s.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Value::Sequence(s) => s
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         Value::String(s) => words(s),
         _ => vec![],
     };
@@ -830,8 +932,13 @@ fn check_prometheus(d: &Deploy, prometheus_yml: Option<&str>) -> Vec<String> {
         .iter()
         .find_map(|a| a.strip_prefix("--config.file=").map(str::to_string))
         .unwrap_or_else(|| "/etc/prometheus/prometheus.yml".into());
-    let Some((src, _, _)) = volumes(svc).into_iter().find(|(_, dst, _)| *dst == config_in_container) else {
-        return vec![format!("nothing is mounted at {config_in_container}, the config Prometheus reads")];
+    let Some((src, _, _)) = volumes(svc)
+        .into_iter()
+        .find(|(_, dst, _)| *dst == config_in_container)
+    else {
+        return vec![format!(
+            "nothing is mounted at {config_in_container}, the config Prometheus reads"
+        )];
     };
     let text = match prometheus_yml {
         Some(t) => t.to_string(),
@@ -846,21 +953,31 @@ fn check_prometheus(d: &Deploy, prometheus_yml: Option<&str>) -> Vec<String> {
     };
     let ports = exposed_ports(&d.dockerfile_text);
     let wanted: Vec<String> = ports.iter().map(|p| format!("leuknet:{p}")).collect();
-    let scrapes_leuknet = config["scrape_configs"].as_sequence().into_iter().flatten().any(|job| {
-        let path = job["metrics_path"].as_str().unwrap_or("/metrics");
-        let scheme = job["scheme"].as_str().unwrap_or("http");
-        path == "/metrics"
-            && scheme == "http"
-            && job["static_configs"].as_sequence().into_iter().flatten().any(|sc| {
-                sc["targets"]
+    let scrapes_leuknet = config["scrape_configs"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .any(|job| {
+            let path = job["metrics_path"].as_str().unwrap_or("/metrics");
+            let scheme = job["scheme"].as_str().unwrap_or("http");
+            path == "/metrics"
+                && scheme == "http"
+                && job["static_configs"]
                     .as_sequence()
                     .into_iter()
                     .flatten()
-                    .any(|t| t.as_str().is_some_and(|t| wanted.iter().any(|w| w == t)))
-            })
-    });
+                    .any(|sc| {
+                        sc["targets"]
+                            .as_sequence()
+                            .into_iter()
+                            .flatten()
+                            .any(|t| t.as_str().is_some_and(|t| wanted.iter().any(|w| w == t)))
+                    })
+        });
     if !scrapes_leuknet {
-        problems.push(format!("{src}: no scrape job targets {wanted:?} at http /metrics"));
+        problems.push(format!(
+            "{src}: no scrape job targets {wanted:?} at http /metrics"
+        ));
     }
     problems
 }
@@ -900,21 +1017,48 @@ fn files_included_by_the_crate_reach_the_docker_build() {
 #[test]
 fn dockerfile_env_names_real_server_flags() {
     let d = deploy();
-    let env: BTreeMap<_, _> = stage_env(&final_stage(&d.dockerfile_text)).into_iter().collect();
-    assert!(env.contains_key("LEUKNET_MODEL_CARD"), "the image should set LEUKNET_MODEL_CARD");
+    let env: BTreeMap<_, _> = stage_env(&final_stage(&d.dockerfile_text))
+        .into_iter()
+        .collect();
+    assert!(
+        env.contains_key("LEUKNET_MODEL_CARD"),
+        "the image should set LEUKNET_MODEL_CARD"
+    );
     assert_ok(check_leuknet_env(&env, "Dockerfile"));
     // The merged view (compose overrides the image) must be a valid configuration too.
-    assert_ok(check_leuknet_env(&effective_env(&d), "Dockerfile + docker-compose.yml"));
+    assert_ok(check_leuknet_env(
+        &effective_env(&d),
+        "Dockerfile + docker-compose.yml",
+    ));
 }
 
 #[test]
 fn dockerignore_keeps_build_output_and_native_files_out() {
     let ignore = DockerIgnore::parse(&read(".dockerignore"));
-    for path in ["target", "target/release/leuknet-server", ".native/onnxruntime/lib", ".venv", ".venv-train/bin", "bench/.work/fixture/leuknet.onnx"] {
-        assert!(ignore.is_excluded(path), ".dockerignore should exclude {path}");
+    for path in [
+        "target",
+        "target/release/leuknet-server",
+        ".native/onnxruntime/lib",
+        ".venv",
+        ".venv-train/bin",
+        "bench/.work/fixture/leuknet.onnx",
+    ] {
+        assert!(
+            ignore.is_excluded(path),
+            ".dockerignore should exclude {path}"
+        );
     }
-    for path in ["src/lib.rs", "Cargo.toml", "Cargo.lock", "build.rs", "proto/onnx.proto"] {
-        assert!(!ignore.is_excluded(path), ".dockerignore must not exclude {path}: the build needs it");
+    for path in [
+        "src/lib.rs",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "proto/onnx.proto",
+    ] {
+        assert!(
+            !ignore.is_excluded(path),
+            ".dockerignore must not exclude {path}: the build needs it"
+        );
     }
 }
 
@@ -933,7 +1077,12 @@ fn compose_prometheus_scrapes_leuknet() {
 #[test]
 fn promtool_accepts_the_prometheus_config_when_installed() {
     let config = root().join("deploy/prometheus.yml");
-    match std::process::Command::new("promtool").arg("check").arg("config").arg(&config).output() {
+    match std::process::Command::new("promtool")
+        .arg("check")
+        .arg("config")
+        .arg(&config)
+        .output()
+    {
         Err(_) => eprintln!("promtool not installed; skipped `promtool check config`"),
         Ok(out) => assert!(
             out.status.success(),
@@ -948,13 +1097,22 @@ fn promtool_accepts_the_prometheus_config_when_installed() {
 
 fn altered_dockerfile(from: &str, to: &str) -> Deploy {
     let text = read("Dockerfile");
-    assert!(text.contains(from), "the Dockerfile no longer contains {from:?}; update this test");
-    deploy_from(&read("docker-compose.yml"), Some(&text.replacen(from, to, 1)))
+    assert!(
+        text.contains(from),
+        "the Dockerfile no longer contains {from:?}; update this test"
+    );
+    deploy_from(
+        &read("docker-compose.yml"),
+        Some(&text.replacen(from, to, 1)),
+    )
 }
 
 fn altered_compose(from: &str, to: &str) -> Deploy {
     let text = read("docker-compose.yml");
-    assert!(text.contains(from), "docker-compose.yml no longer contains {from:?}; update this test");
+    assert!(
+        text.contains(from),
+        "docker-compose.yml no longer contains {from:?}; update this test"
+    );
     deploy_from(&text.replacen(from, to, 1), None)
 }
 
@@ -970,15 +1128,27 @@ fn copy_check_rejects_missing_ignored_and_unknown_sources() {
 
 #[test]
 fn user_check_rejects_root_and_a_missing_user() {
-    assert_reports(check_final_user(&altered_dockerfile("USER 10001:10001", "USER root")), "is root");
-    assert_reports(check_final_user(&altered_dockerfile("USER 10001:10001", "USER 0:0")), "is root");
-    assert_reports(check_final_user(&altered_dockerfile("USER 10001:10001", "")), "no USER");
+    assert_reports(
+        check_final_user(&altered_dockerfile("USER 10001:10001", "USER root")),
+        "is root",
+    );
+    assert_reports(
+        check_final_user(&altered_dockerfile("USER 10001:10001", "USER 0:0")),
+        "is root",
+    );
+    assert_reports(
+        check_final_user(&altered_dockerfile("USER 10001:10001", "")),
+        "no USER",
+    );
 }
 
 #[test]
 fn healthcheck_check_rejects_wrong_route_port_and_address() {
     let d = altered_dockerfile("8080/health/ready", "8080/health/live");
-    assert_reports(check_healthcheck_and_ports(&d), "does not probe /health/ready");
+    assert_reports(
+        check_healthcheck_and_ports(&d),
+        "does not probe /health/ready",
+    );
     let d = altered_dockerfile("8080/health/ready", "8081/health/ready");
     assert_reports(check_healthcheck_and_ports(&d), "probes port Some(8081)");
     let d = altered_dockerfile("EXPOSE 8080", "EXPOSE 9000");
@@ -990,20 +1160,44 @@ fn healthcheck_check_rejects_wrong_route_port_and_address() {
 #[test]
 fn runtime_path_check_rejects_mismatched_ort_and_entrypoint() {
     let d = altered_dockerfile("libonnxruntime.so.1.31.1 \\", "libonnxruntime.so.1.30.0 \\");
-    assert_reports(check_runtime_paths(&d), "the version the server is built against");
+    assert_reports(
+        check_runtime_paths(&d),
+        "the version the server is built against",
+    );
     let d = altered_dockerfile("ARG ORT_VERSION=1.31.1", "ARG ORT_VERSION=1.32.0");
-    assert_reports(check_runtime_paths(&d), "installs ORT_VERSION Some(\"1.32.0\")");
+    assert_reports(
+        check_runtime_paths(&d),
+        "installs ORT_VERSION Some(\"1.32.0\")",
+    );
     let d = altered_dockerfile(
         "ENTRYPOINT [\"/opt/leuknet/bin/leuknet-server\"]",
         "ENTRYPOINT [\"/usr/local/bin/leuknet-server\"]",
     );
-    assert_reports(check_runtime_paths(&d), "is not a file the final stage copies in");
+    assert_reports(
+        check_runtime_paths(&d),
+        "is not a file the final stage copies in",
+    );
+}
+
+#[test]
+fn include_check_rejects_an_embedded_file_left_out_of_the_build() {
+    let d = altered_dockerfile("COPY openapi.yaml ./\n", "");
+    assert_reports(
+        check_included_files(&d),
+        "includes \"../../openapi.yaml\", which the Dockerfile does not COPY",
+    );
 }
 
 #[test]
 fn build_check_rejects_unknown_bins_and_unpinned_images() {
-    let d = altered_dockerfile("--locked --bin leuknet-server \\", "--locked --bin leuknet-serve \\");
-    assert_reports(check_builds_and_bases(&d), "src/bin/leuknet-serve.rs is missing");
+    let d = altered_dockerfile(
+        "--locked --bin leuknet-server \\",
+        "--locked --bin leuknet-serve \\",
+    );
+    assert_reports(
+        check_builds_and_bases(&d),
+        "src/bin/leuknet-serve.rs is missing",
+    );
     let d = altered_dockerfile("FROM python:3.12-slim-bookworm", "FROM python:latest");
     assert_reports(check_builds_and_bases(&d), "uses :latest");
 }
@@ -1011,18 +1205,35 @@ fn build_check_rejects_unknown_bins_and_unpinned_images() {
 #[test]
 fn env_check_rejects_unknown_flags_and_bad_values() {
     let env = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
-    assert_reports(check_leuknet_env(&env("LEUKNET_MODEL", "/m.json"), "t"), "LEUKNET_MODEL is not");
-    assert_reports(check_leuknet_env(&env("LEUKNET_LOG_FORMAT", "jsn"), "t"), "not a valid server configuration");
-    assert_reports(check_leuknet_env(&env("LEUKNET_ADDR", "0.0.0.0"), "t"), "not a valid server configuration");
+    assert_reports(
+        check_leuknet_env(&env("LEUKNET_MODEL", "/m.json"), "t"),
+        "LEUKNET_MODEL is not",
+    );
+    assert_reports(
+        check_leuknet_env(&env("LEUKNET_LOG_FORMAT", "jsn"), "t"),
+        "not a valid server configuration",
+    );
+    assert_reports(
+        check_leuknet_env(&env("LEUKNET_ADDR", "0.0.0.0"), "t"),
+        "not a valid server configuration",
+    );
     let d = altered_dockerfile("LEUKNET_DEVICE=auto", "LEUKNET_DEVICES=auto");
-    let env: BTreeMap<_, _> = stage_env(&final_stage(&d.dockerfile_text)).into_iter().collect();
-    assert_reports(check_leuknet_env(&env, "Dockerfile"), "LEUKNET_DEVICES is not");
+    let env: BTreeMap<_, _> = stage_env(&final_stage(&d.dockerfile_text))
+        .into_iter()
+        .collect();
+    assert_reports(
+        check_leuknet_env(&env, "Dockerfile"),
+        "LEUKNET_DEVICES is not",
+    );
 }
 
 #[test]
 fn compose_check_rejects_missing_sources_writable_models_and_no_gpu() {
     let d = altered_compose("- ./models:/models:ro", "- ./model:/models:ro");
-    assert_reports(check_compose_leuknet(&d), "volume source ./model (for /models) does not exist");
+    assert_reports(
+        check_compose_leuknet(&d),
+        "volume source ./model (for /models) does not exist",
+    );
     let d = altered_compose("- ./models:/models:ro", "- ./models:/models");
     assert_reports(check_compose_leuknet(&d), "not mounted read-only");
     let d = altered_compose("capabilities: [gpu]", "capabilities: [utility]");
@@ -1032,9 +1243,15 @@ fn compose_check_rejects_missing_sources_writable_models_and_no_gpu() {
     let d = altered_compose("dockerfile: Dockerfile", "dockerfile: Dockerfile.gpu");
     assert_reports(check_compose_leuknet(&d), "Dockerfile.gpu does not exist");
     let d = altered_compose("LEUKNET_DEVICE: cuda", "LEUKNET_DEVICE: gpu");
-    assert_reports(check_compose_leuknet(&d), "not a valid server configuration");
+    assert_reports(
+        check_compose_leuknet(&d),
+        "not a valid server configuration",
+    );
     let d = altered_compose("- prometheus-data:/prometheus", "- promdata:/prometheus");
-    assert_reports(check_compose_leuknet(&d), "named volume promdata is not declared");
+    assert_reports(
+        check_compose_leuknet(&d),
+        "named volume promdata is not declared",
+    );
 }
 
 #[test]
@@ -1046,7 +1263,10 @@ fn prometheus_check_rejects_wrong_target_mount_and_tag() {
         "no scrape job targets [\"leuknet:8080\"]",
     );
     assert_reports(
-        check_prometheus(&d, Some(&cfg.replace("metrics_path: /metrics", "metrics_path: /stats"))),
+        check_prometheus(
+            &d,
+            Some(&cfg.replace("metrics_path: /metrics", "metrics_path: /stats")),
+        ),
         "no scrape job targets",
     );
     let d = altered_compose("prom/prometheus:v3.5.0", "prom/prometheus:latest");
@@ -1055,12 +1275,16 @@ fn prometheus_check_rejects_wrong_target_mount_and_tag() {
         "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro",
         "./deploy/prometheus.yml:/etc/prom.yml:ro",
     );
-    assert_reports(check_prometheus(&d, None), "nothing is mounted at /etc/prometheus/prometheus.yml");
+    assert_reports(
+        check_prometheus(&d, None),
+        "nothing is mounted at /etc/prometheus/prometheus.yml",
+    );
 }
 
 #[test]
 fn dockerignore_matcher_follows_docker_rules() {
-    let ig = DockerIgnore::parse("target\n**/*.onnx\n.venv*\nmodels\n!models/keep.json\n# comment\n");
+    let ig =
+        DockerIgnore::parse("target\n**/*.onnx\n.venv*\nmodels\n!models/keep.json\n# comment\n");
     assert!(ig.is_excluded("target/debug/x"));
     assert!(!ig.is_excluded("src/target.rs"));
     assert!(ig.is_excluded("tests/data/m.onnx"));

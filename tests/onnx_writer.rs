@@ -105,7 +105,7 @@ fn run_onnx(spec: &LeukNetSpec, model: &[u8], images: &[f32]) -> (Vec<f32>, Vec<
         device: Device::Cpu,
         intra_threads: 1,
     };
-    let mut read = |output: &str| {
+    let read = |output: &str| {
         let mut engine = Engine::load(model, &card(spec, output), &options)
             .unwrap_or_else(|e| panic!("ONNX Runtime rejected the written graph: {e}"));
         engine

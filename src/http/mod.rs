@@ -164,6 +164,32 @@ async fn method_not_allowed(method: Method) -> ApiError {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
 
+/// Keeps the in-flight gauge right even when the client leaves and the handler is dropped;
+/// a request dropped before its answer is counted with status 499 (client closed request).
+struct InFlight<'a> {
+    metrics: &'a Metrics,
+    route: &'a str,
+    method: &'a str,
+    start: Instant,
+    answered: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        if !self.answered {
+            self.metrics
+                .requests
+                .with_label_values(&[self.route, self.method, "499"])
+                .inc();
+            self.metrics
+                .request_duration
+                .with_label_values(&[self.route])
+                .observe(self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
 async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -171,23 +197,28 @@ async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) ->
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
     let method = req.method().to_string();
-    let start = Instant::now();
-    state.metrics.in_flight.inc();
+    let metrics = &state.metrics;
+    metrics.in_flight.inc();
+    let mut guard = InFlight {
+        metrics,
+        route: &route,
+        method: &method,
+        start: Instant::now(),
+        answered: false,
+    };
     let response = next.run(req).await;
-    state.metrics.in_flight.dec();
+    guard.answered = true;
     let status = response.status();
-    state
-        .metrics
+    metrics
         .requests
         .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
         .inc();
-    state
-        .metrics
+    metrics
         .request_duration
         .with_label_values(&[route.as_str()])
-        .observe(start.elapsed().as_secs_f64());
+        .observe(guard.start.elapsed().as_secs_f64());
     if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
-        state.metrics.failures.with_label_values(&[code]).inc();
+        metrics.failures.with_label_values(&[code]).inc();
     }
     response
 }

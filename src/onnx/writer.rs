@@ -272,7 +272,7 @@ impl LeukNetSpec {
         if self.input_size == 0 {
             return invalid("input_size is 0".into());
         }
-        if self.conv.iter().any(|l| *l == VggLayer::Conv(0)) {
+        if self.conv.contains(&VggLayer::Conv(0)) {
             return invalid("a convolution has 0 output channels".into());
         }
         if self.head.contains(&0) {

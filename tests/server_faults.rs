@@ -1,0 +1,153 @@
+//! Overload, deadlines, clients that leave, and graceful shutdown, against the real server with
+//! a slower fixture model (width / 2) so that a queue really forms.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+fn slow_card() -> std::path::PathBuf {
+    fixture_card(2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_429_with_retry_after_then_recovers() {
+    let Some(images) = real_images() else { return };
+    let bytes = images[0].1.clone();
+    let server = Server::start(
+        &slow_card(),
+        &[("LEUKNET_MAX_BATCH_SIZE", "1"), ("LEUKNET_MAX_QUEUE_IMAGES", "2")],
+    )
+    .await;
+    let responses =
+        futures::future::join_all((0..16).map(|_| server.classify_raw(bytes.clone(), "image/jpeg"))).await;
+    let (mut ok, mut full) = (0, 0);
+    for r in responses {
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((1..=60).contains(&retry));
+                assert_error(r, 429, "queue_full").await;
+                full += 1;
+            }
+            s => panic!("unexpected status {s}: {}", r.text().await.unwrap()),
+        }
+    }
+    assert!(ok >= 1 && full >= 1, "ok {ok}, queue_full {full}");
+    // Recovery: once the queue drains, requests are served again.
+    assert_eq!(server.classify_raw(bytes.clone(), "image/jpeg").await.status(), 200);
+    let m = server.metrics().await;
+    assert!(metric_value(&m, "leuknet_failures_total", "reason=\"queue_full\"").unwrap() >= 1.0);
+    assert_eq!(metric_value(&m, "leuknet_queue_depth_images", ""), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_their_deadline_never_reach_the_model() {
+    let Some(images) = real_images() else { return };
+    let bytes = images[0].1.clone();
+    let server = Server::start(
+        &slow_card(),
+        &[("LEUKNET_MAX_BATCH_SIZE", "1"), ("LEUKNET_REQUEST_TIMEOUT_MS", "250")],
+    )
+    .await;
+    let before = metric_value(&server.metrics().await, "leuknet_images_inferred_total", "").unwrap();
+    let n = 16;
+    let responses =
+        futures::future::join_all((0..n).map(|_| server.classify_raw(bytes.clone(), "image/jpeg"))).await;
+    let (mut ok, mut expired) = (0, 0);
+    for r in responses {
+        match r.status().as_u16() {
+            200 => ok += 1,
+            504 => {
+                assert_error(r, 504, "deadline_exceeded").await;
+                expired += 1;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(expired >= 1, "no request expired (ok {ok})");
+    // Let the engine drain what is left, then count what reached the model.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = server.metrics().await;
+    let inferred = metric_value(&m, "leuknet_images_inferred_total", "").unwrap() - before;
+    assert!(inferred < n as f64, "all {n} images were inferred although {expired} expired");
+    let skipped = metric_value(&m, "leuknet_failures_total", "reason=\"deadline_exceeded_queued\"").unwrap_or(0.0)
+        + metric_value(&m, "leuknet_failures_total", "reason=\"client_gone\"").unwrap_or(0.0);
+    assert!(skipped >= 1.0, "no expired image was skipped by the batcher:\n{m}");
+    assert_eq!(server.classify_raw(bytes, "image/jpeg").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_while_queued_are_skipped_and_nothing_leaks() {
+    let Some(images) = real_images() else { return };
+    let bytes = images[0].1.clone();
+    let server = Server::start(&slow_card(), &[("LEUKNET_MAX_BATCH_SIZE", "1")]).await;
+    let before = metric_value(&server.metrics().await, "leuknet_images_inferred_total", "").unwrap();
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let n = 12;
+    let results = futures::future::join_all((0..n).map(|_| {
+        impatient
+            .post(server.url("/v1/classify"))
+            .header("content-type", "image/jpeg")
+            .body(bytes.clone())
+            .send()
+    }))
+    .await;
+    let gave_up = results.iter().filter(|r| r.is_err()).count();
+    assert!(gave_up >= 1, "every client got its answer within 200 ms; the test needs a slower model");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = server.metrics().await;
+    let inferred = metric_value(&m, "leuknet_images_inferred_total", "").unwrap() - before;
+    let gone = metric_value(&m, "leuknet_failures_total", "reason=\"client_gone\"").unwrap_or(0.0);
+    assert!(gone >= 1.0, "no queued image of a departed client was skipped:\n{m}");
+    assert!(inferred + gone <= n as f64 + 0.5, "inferred {inferred} + skipped {gone} > {n}");
+    assert_eq!(metric_value(&m, "leuknet_queue_depth_images", ""), Some(0.0));
+    // Only this /metrics request is in flight.
+    assert_eq!(metric_value(&m, "leuknet_http_requests_in_flight", ""), Some(1.0));
+    assert_eq!(server.classify_raw(bytes, "image/jpeg").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_every_accepted_request_and_exits_zero() {
+    let Some(images) = real_images() else { return };
+    let bytes = images[0].1.clone();
+    let mut server = Server::start(&slow_card(), &[("LEUKNET_MAX_BATCH_SIZE", "2")]).await;
+    let n = 10;
+    let accepted = {
+        let c = server.client.clone();
+        let url = server.url("/v1/classify");
+        let bytes = bytes.clone();
+        tokio::spawn(async move {
+            futures::future::join_all((0..n).map(|_| {
+                c.post(&url).header("content-type", "image/jpeg").body(bytes.clone()).send()
+            }))
+            .await
+        })
+    };
+    // Wait until all of them are in flight (plus this /metrics request).
+    let start = std::time::Instant::now();
+    loop {
+        let m = server.metrics().await;
+        if metric_value(&m, "leuknet_http_requests_in_flight", "").unwrap_or(0.0) >= (n + 1) as f64 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "requests never got in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.sigterm();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // While draining: not ready, and new work is refused with 503.
+    let ready = server.client.get(server.url("/health/ready")).send().await.unwrap();
+    assert_error(ready, 503, "shutting_down").await;
+    let late = server.classify_raw(bytes.clone(), "image/jpeg").await;
+    assert_error(late, 503, "shutting_down").await;
+    // Every accepted request is answered.
+    for r in accepted.await.unwrap() {
+        let r = r.expect("an accepted request lost its connection");
+        assert_eq!(r.status(), 200);
+    }
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}: {}", server.log_text());
+    assert!(server.log_text().contains("drained"));
+}
