@@ -534,9 +534,12 @@ mod tests {
         assert_eq!(jpeg_idct_scale(103, 103, 224), 8);
         assert_eq!(jpeg_idct_scale(360, 363, 224), 8);
         assert_eq!(jpeg_idct_scale(448, 448, 224), 4);
-        assert_eq!(jpeg_idct_scale(447, 448, 224), 8);
+        assert_eq!(jpeg_idct_scale(446, 448, 224), 8);
         assert_eq!(jpeg_idct_scale(1792, 1792, 224), 1);
-        assert_eq!(jpeg_idct_scale(1791, 1792, 224), 2);
+        // ceil: 447/2 -> 224, 1785/8 -> 224.
+        assert_eq!(jpeg_idct_scale(447, 448, 224), 4);
+        assert_eq!(jpeg_idct_scale(1785, 1792, 224), 1);
+        assert_eq!(jpeg_idct_scale(1784, 1792, 224), 2);
         assert_eq!(jpeg_idct_scale(224, 224, 224), 8);
     }
 
