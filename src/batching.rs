@@ -79,7 +79,10 @@ pub struct BatchQueue {
 }
 
 /// Runs every batch size from 1 to `max_batch_size` through the engine so the first real request pays no set-up cost.
-pub fn warm_up(engine: &mut Engine, max_batch_size: usize) -> Result<(), crate::engine::EngineError> {
+pub fn warm_up(
+    engine: &mut Engine,
+    max_batch_size: usize,
+) -> Result<(), crate::engine::EngineError> {
     for batch in 1..=max_batch_size {
         engine.run(vec![0.5; batch * engine.image_len()], batch)?;
     }
@@ -184,10 +187,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(
-        mut self,
-        on_warm: impl FnOnce(Result<Duration, crate::engine::EngineError>),
-    ) {
+    fn run(mut self, on_warm: impl FnOnce(Result<Duration, crate::engine::EngineError>)) {
         let start = Instant::now();
         match warm_up(&mut self.engine, self.config.max_batch_size) {
             Ok(()) => on_warm(Ok(start.elapsed())),
@@ -240,11 +240,17 @@ impl Worker {
         self.queued.fetch_sub(1, Ordering::SeqCst);
         self.metrics.queue_depth.sub(1);
         if job.reply.is_closed() {
-            self.metrics.failures.with_label_values(&["client_gone"]).inc();
+            self.metrics
+                .failures
+                .with_label_values(&["client_gone"])
+                .inc();
             return;
         }
         if Instant::now() >= job.deadline {
-            self.metrics.failures.with_label_values(&["deadline_exceeded_queued"]).inc();
+            self.metrics
+                .failures
+                .with_label_values(&["deadline_exceeded_queued"])
+                .inc();
             let _ = job.reply.send(Err(JobError::DeadlineExceeded));
             return;
         }
@@ -271,7 +277,9 @@ impl Worker {
                 self.metrics.images_inferred.inc_by(n as u64);
                 for (job, probability) in batch.into_iter().zip(probabilities) {
                     let queue_time = start.saturating_duration_since(job.enqueued);
-                    self.metrics.queue_duration.observe(queue_time.as_secs_f64());
+                    self.metrics
+                        .queue_duration
+                        .observe(queue_time.as_secs_f64());
                     let _ = job.reply.send(Ok(JobOutput {
                         probability,
                         queue_time,
@@ -282,7 +290,10 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!(error = %e, batch = n, "batch failed");
-                self.metrics.failures.with_label_values(&["inference_failed"]).inc_by(n as u64);
+                self.metrics
+                    .failures
+                    .with_label_values(&["inference_failed"])
+                    .inc_by(n as u64);
                 let message = e.to_string();
                 for job in batch {
                     let _ = job.reply.send(Err(JobError::Inference(message.clone())));

@@ -25,7 +25,11 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
 
     /// Model card (JSON); the ONNX file it names is loaded from the same folder.
-    #[arg(long, env = "LEUKNET_MODEL_CARD", default_value = "models/leuknet.json")]
+    #[arg(
+        long,
+        env = "LEUKNET_MODEL_CARD",
+        default_value = "models/leuknet.json"
+    )]
     pub model_card: PathBuf,
 
     /// ONNX Runtime shared library (installed by ./scripts/setup). A relative path is tried

@@ -66,6 +66,17 @@ pub fn fixture_spec(width_div: usize) -> LeukNetSpec {
 /// the full-size model (~163 MB) is never held twice in memory. Files are written under a
 /// temporary name and renamed, so a failure never leaves a card pointing at a partial model.
 pub fn write_fixture(out_dir: &Path, width_div: usize, seed: u64) -> Result<PathBuf, FixtureError> {
+    write_fixture_with(out_dir, width_div, seed, false)
+}
+
+/// [`write_fixture`], optionally with the test-only fault of
+/// [`LeukNetSpec::fault_on_white_input`]: any batch holding a pure white image fails to run.
+pub fn write_fixture_with(
+    out_dir: &Path,
+    width_div: usize,
+    seed: u64,
+    fault_on_white_input: bool,
+) -> Result<PathBuf, FixtureError> {
     if width_div == 0 {
         return Err(FixtureError::ZeroWidthDiv);
     }
@@ -74,7 +85,7 @@ pub fn write_fixture(out_dir: &Path, width_div: usize, seed: u64) -> Result<Path
         move |source| FixtureError::Io { path, source }
     };
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    let spec = fixture_spec(width_div);
+    let spec = fixture_spec(width_div).with_fault_on_white_input(fault_on_white_input);
     let weights = FixtureWeights::new(&spec, seed);
 
     let onnx_path = out_dir.join(FIXTURE_ONNX_FILE);
@@ -149,7 +160,7 @@ fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String)
             channel_order: "RGB".into(),
             layout: "NCHW".into(),
             value_range: [0.0, 1.0],
-            resize: "see preprocess module".into(),
+            resize: crate::preprocess::RESIZE_METHOD.into(),
             normalization: "none (applied inside the graph)".into(),
         },
         outputs: vec![
@@ -178,6 +189,7 @@ fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String)
             "output_units": 1,
             "input_size": spec.input_size,
             "width_div": width_div,
+            "fault_on_white_input": spec.fault_on_white_input,
             "parameters": spec.parameter_count(),
             "in_graph_normalization": normalization,
         }),

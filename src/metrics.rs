@@ -71,7 +71,10 @@ impl Metrics {
             requests: reg(
                 &r,
                 IntCounterVec::new(
-                    Opts::new("leuknet_http_requests_total", "HTTP requests by route, method and status code."),
+                    Opts::new(
+                        "leuknet_http_requests_total",
+                        "HTTP requests by route, method and status code.",
+                    ),
                     &["route", "method", "status"],
                 )
                 .expect("valid"),
@@ -79,7 +82,10 @@ impl Metrics {
             failures: reg(
                 &r,
                 IntCounterVec::new(
-                    Opts::new("leuknet_failures_total", "Failed requests or images by reason."),
+                    Opts::new(
+                        "leuknet_failures_total",
+                        "Failed requests or images by reason.",
+                    ),
                     &["reason"],
                 )
                 .expect("valid"),
@@ -87,18 +93,36 @@ impl Metrics {
             request_duration: reg(
                 &r,
                 HistogramVec::new(
-                    HistogramOpts::new("leuknet_http_request_duration_seconds", "Whole HTTP request duration by route.")
-                        .buckets(SECONDS_BUCKETS.to_vec()),
+                    HistogramOpts::new(
+                        "leuknet_http_request_duration_seconds",
+                        "Whole HTTP request duration by route.",
+                    )
+                    .buckets(SECONDS_BUCKETS.to_vec()),
                     &["route"],
                 )
                 .expect("valid"),
             ),
-            queue_duration: reg(&r, hist("leuknet_queue_duration_seconds", "Time an image waited in the batching queue.")),
+            queue_duration: reg(
+                &r,
+                hist(
+                    "leuknet_queue_duration_seconds",
+                    "Time an image waited in the batching queue.",
+                ),
+            ),
             preprocess_duration: reg(
                 &r,
-                hist("leuknet_preprocess_duration_seconds", "Decode, resize and normalise time per image."),
+                hist(
+                    "leuknet_preprocess_duration_seconds",
+                    "Decode, resize and normalise time per image.",
+                ),
             ),
-            inference_duration: reg(&r, hist("leuknet_inference_duration_seconds", "Model run time per batch.")),
+            inference_duration: reg(
+                &r,
+                hist(
+                    "leuknet_inference_duration_seconds",
+                    "Model run time per batch.",
+                ),
+            ),
             batch_size: reg(
                 &r,
                 Histogram::with_opts(
@@ -107,31 +131,73 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
-            queue_depth: reg(&r, IntGauge::new("leuknet_queue_depth_images", "Images waiting in the batching queue.").expect("valid")),
-            in_flight: reg(&r, IntGauge::new("leuknet_http_requests_in_flight", "HTTP requests being handled.").expect("valid")),
-            images_inferred: reg(&r, IntCounter::new("leuknet_images_inferred_total", "Images that went through the model.").expect("valid")),
-            batch_executions: reg(&r, IntCounter::new("leuknet_batch_executions_total", "Batches the model ran.").expect("valid")),
+            queue_depth: reg(
+                &r,
+                IntGauge::new(
+                    "leuknet_queue_depth_images",
+                    "Images waiting in the batching queue.",
+                )
+                .expect("valid"),
+            ),
+            in_flight: reg(
+                &r,
+                IntGauge::new(
+                    "leuknet_http_requests_in_flight",
+                    "HTTP requests being handled.",
+                )
+                .expect("valid"),
+            ),
+            images_inferred: reg(
+                &r,
+                IntCounter::new(
+                    "leuknet_images_inferred_total",
+                    "Images that went through the model.",
+                )
+                .expect("valid"),
+            ),
+            batch_executions: reg(
+                &r,
+                IntCounter::new("leuknet_batch_executions_total", "Batches the model ran.")
+                    .expect("valid"),
+            ),
             predictions: reg(
                 &r,
-                IntCounterVec::new(Opts::new("leuknet_predictions_total", "Predictions by label."), &["label"]).expect("valid"),
+                IntCounterVec::new(
+                    Opts::new("leuknet_predictions_total", "Predictions by label."),
+                    &["label"],
+                )
+                .expect("valid"),
             ),
             prediction_score: reg(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("leuknet_prediction_probability_ratio", "Predicted probability of leukemia.")
-                        .buckets((1..=19).map(|i| i as f64 * 0.05).collect()),
+                    HistogramOpts::new(
+                        "leuknet_prediction_probability_ratio",
+                        "Predicted probability of leukemia.",
+                    )
+                    .buckets((1..=19).map(|i| i as f64 * 0.05).collect()),
                 )
                 .expect("valid"),
             ),
             model_info: reg(
                 &r,
                 IntGaugeVec::new(
-                    Opts::new("leuknet_model_info", "Constant 1, labelled with the model being served."),
+                    Opts::new(
+                        "leuknet_model_info",
+                        "Constant 1, labelled with the model being served.",
+                    ),
                     &["name", "version", "sha256", "execution_provider"],
                 )
                 .expect("valid"),
             ),
-            ready: reg(&r, IntGauge::new("leuknet_ready", "1 when the model is loaded and warmed and the server is not draining.").expect("valid")),
+            ready: reg(
+                &r,
+                IntGauge::new(
+                    "leuknet_ready",
+                    "1 when the model is loaded and warmed and the server is not draining.",
+                )
+                .expect("valid"),
+            ),
             registry: r,
         }
     }

@@ -11,13 +11,26 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum CardError {
     #[error("cannot read model card {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("model card {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("cannot read model file {path}: {source}")]
-    ReadModel { path: PathBuf, source: std::io::Error },
+    ReadModel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("model file {path} has sha256 {actual}, but its card says {expected}: the card does not describe this file")]
-    Sha256Mismatch { path: PathBuf, expected: String, actual: String },
+    Sha256Mismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("model graph does not match its card: {0}")]
     GraphMismatch(String),
     #[error("model card is inconsistent: {0}")]
@@ -124,7 +137,11 @@ impl ModelCard {
                 self.decision.threshold
             )));
         }
-        if !self.outputs.iter().any(|o| o.name == self.probability_output) {
+        if !self
+            .outputs
+            .iter()
+            .any(|o| o.name == self.probability_output)
+        {
             return Err(CardError::Invalid(format!(
                 "probability output {:?} is not among the outputs",
                 self.probability_output

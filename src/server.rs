@@ -85,9 +85,8 @@ pub async fn run(
             let _ = warm_tx.send(outcome);
         }
     };
-    let (queue, engine_thread) =
-        BatchQueue::start(engine, batch.clone(), metrics.clone(), on_warm)
-            .map_err(ServerError::Thread)?;
+    let (queue, engine_thread) = BatchQueue::start(engine, batch.clone(), metrics.clone(), on_warm)
+        .map_err(ServerError::Thread)?;
 
     let state = Arc::new(AppState {
         card,

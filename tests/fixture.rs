@@ -58,6 +58,7 @@ fn fixture_loads_and_gives_distinct_unsaturated_probabilities() {
         card.description
     );
     assert_eq!(card.training["trained"], false);
+    assert_eq!(card.input.resize, leuknet::preprocess::RESIZE_METHOD);
     assert_eq!(card.architecture["width_div"], WIDTH_DIV);
     assert_eq!(engine.provider(), "cpu");
 

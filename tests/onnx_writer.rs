@@ -32,6 +32,7 @@ fn tiny_spec(normalization: Option<InputNormalization>) -> LeukNetSpec {
         head: vec![8, 4],
         input_size: 16,
         normalization,
+        fault_on_white_input: false,
     }
 }
 

@@ -8,7 +8,8 @@ use leuknet::http::{error::ERROR_CODES, ROUTES};
 use std::collections::BTreeSet;
 
 fn spec() -> serde_yaml_ng::Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     serde_yaml_ng::from_str(&text).expect("openapi.yaml parses")
 }
 
@@ -50,7 +51,8 @@ fn routes_methods_and_statuses_match_the_router_table() {
 #[test]
 fn error_codes_match() {
     let spec = spec();
-    let documented: BTreeSet<String> = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+    let documented: BTreeSet<String> = spec["components"]["schemas"]["Error"]["properties"]
+        ["error"]["properties"]["code"]["enum"]
         .as_sequence()
         .unwrap()
         .iter()
@@ -62,7 +64,10 @@ fn error_codes_match() {
     let classify = ROUTES.iter().find(|r| r.path == "/v1/classify").unwrap();
     for (code, status) in ERROR_CODES {
         if !["not_found", "method_not_allowed", "not_ready"].contains(code) {
-            assert!(classify.statuses.contains(status), "{code} -> {status} not on /v1/classify");
+            assert!(
+                classify.statuses.contains(status),
+                "{code} -> {status} not on /v1/classify"
+            );
         }
     }
 }
@@ -72,13 +77,30 @@ async fn every_documented_route_is_served_and_others_are_not() {
     let server = Server::start(&fixture_card(16), &[]).await;
     for (method, path, statuses) in documented() {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let resp = server.client.request(m, server.url(&path)).send().await.unwrap();
+        let resp = server
+            .client
+            .request(m, server.url(&path))
+            .send()
+            .await
+            .unwrap();
         let got = resp.status().as_u16();
         assert!(got != 404 && got != 405, "{method} {path} answered {got}");
-        assert!(statuses.contains(&got), "{method} {path} answered undocumented {got}");
+        assert!(
+            statuses.contains(&got),
+            "{method} {path} answered undocumented {got}"
+        );
         // A method the document does not list for this path gets 405.
-        let other = if method == "GET" { reqwest::Method::DELETE } else { reqwest::Method::GET };
-        let resp = server.client.request(other.clone(), server.url(&path)).send().await.unwrap();
+        let other = if method == "GET" {
+            reqwest::Method::DELETE
+        } else {
+            reqwest::Method::GET
+        };
+        let resp = server
+            .client
+            .request(other.clone(), server.url(&path))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 405, "{other} {path}");
     }
 }

@@ -11,7 +11,8 @@ use leuknet::preprocess::{preprocess, Limits};
 
 /// The probability the model gives one image, computed in this process without HTTP.
 fn direct_probability(card: &std::path::Path, bytes: &[u8]) -> f32 {
-    engine::init_runtime(std::path::Path::new(engine::DEFAULT_ORT_LIBRARY)).expect("ORT: run ./scripts/setup");
+    engine::init_runtime(std::path::Path::new(engine::DEFAULT_ORT_LIBRARY))
+        .expect("ORT: run ./scripts/setup");
     let (_, mut engine) = engine::load_from_card(
         card,
         &EngineOptions {
@@ -43,16 +44,29 @@ async fn classify_raw_and_multipart_match_direct_inference() {
     let (_, jpeg, _) = &images[0];
     let resp = server.classify_raw(jpeg.clone(), "image/jpeg").await;
     assert_eq!(resp.status(), 200);
-    let timing = resp.headers()["server-timing"].to_str().unwrap().to_string();
-    assert!(timing.contains("inference;dur=") && timing.contains("queue;dur="), "{timing}");
+    let timing = resp.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        timing.contains("inference;dur=") && timing.contains("queue;dur="),
+        "{timing}"
+    );
     assert!(!resp.headers()["x-request-id"].is_empty());
     let body: serde_json::Value = resp.json().await.unwrap();
     let r = &body["results"][0];
     let expected = direct_probability(&card, jpeg);
     let got = r["probability"].as_f64().unwrap() as f32;
-    assert!((got - expected).abs() < 1e-5, "server {got} vs direct {expected}");
+    assert!(
+        (got - expected).abs() < 1e-5,
+        "server {got} vs direct {expected}"
+    );
     let threshold = r["threshold"].as_f64().unwrap() as f32;
-    let label = if got >= threshold { "leukemic" } else { "healthy" };
+    let label = if got >= threshold {
+        "leukemic"
+    } else {
+        "healthy"
+    };
     assert_eq!(r["label"], label);
     assert_eq!(r["image"]["format"], "jpeg");
     assert_eq!(r["image"]["width"], 103);
@@ -100,7 +114,10 @@ async fn classify_raw_and_multipart_match_direct_inference() {
         assert_eq!(r["image"]["format"], *format);
         let expected = direct_probability(&card, bytes);
         let got = r["probability"].as_f64().unwrap() as f32;
-        assert!((got - expected).abs() < 1e-5, "{name}: server {got} vs direct {expected}");
+        assert!(
+            (got - expected).abs() < 1e-5,
+            "{name}: server {got} vs direct {expected}"
+        );
     }
 }
 
@@ -131,25 +148,51 @@ async fn every_bad_input_gets_a_clear_json_error_and_disturbs_nothing() {
     let too_many = {
         let mut f = reqwest::multipart::Form::new();
         for _ in 0..4 {
-            f = f.part("image", reqwest::multipart::Part::bytes(good.clone()).file_name("x.jpg"));
+            f = f.part(
+                "image",
+                reqwest::multipart::Part::bytes(good.clone()).file_name("x.jpg"),
+            );
         }
         f
     };
 
     type Case = (&'static str, reqwest::RequestBuilder, u16, &'static str);
     let cases: Vec<Case> = vec![
-        ("empty body", c.post(&classify).header("content-type", "image/jpeg"), 400, "empty_body"),
+        (
+            "empty body",
+            c.post(&classify).header("content-type", "image/jpeg"),
+            400,
+            "empty_body",
+        ),
         (
             "not an image",
-            c.post(&classify).header("content-type", "image/png").body("hello, I am text"),
+            c.post(&classify)
+                .header("content-type", "image/png")
+                .body("hello, I am text"),
             422,
             "not_an_image",
         ),
-        ("truncated", c.post(&classify).header("content-type", "image/jpeg").body(truncated), 422, "corrupt_image"),
-        ("corrupt", c.post(&classify).header("content-type", "image/jpeg").body(corrupt), 422, "corrupt_image"),
+        (
+            "truncated",
+            c.post(&classify)
+                .header("content-type", "image/jpeg")
+                .body(truncated),
+            422,
+            "corrupt_image",
+        ),
+        (
+            "corrupt",
+            c.post(&classify)
+                .header("content-type", "image/jpeg")
+                .body(corrupt),
+            422,
+            "corrupt_image",
+        ),
         (
             "unsupported type",
-            c.post(&classify).header("content-type", "application/pdf").body(good.clone()),
+            c.post(&classify)
+                .header("content-type", "application/pdf")
+                .body(good.clone()),
             415,
             "unsupported_media_type",
         ),
@@ -161,21 +204,46 @@ async fn every_bad_input_gets_a_clear_json_error_and_disturbs_nothing() {
         ),
         (
             "body too large",
-            c.post(&classify).header("content-type", "image/jpeg").body(vec![0xffu8; 1_500_000]),
+            c.post(&classify)
+                .header("content-type", "image/jpeg")
+                .body(vec![0xffu8; 1_500_000]),
             413,
             "body_too_large",
         ),
-        ("pixel bomb", c.post(&classify).header("content-type", "image/png").body(bomb), 413, "too_many_pixels"),
-        ("too many images", c.post(&classify).multipart(too_many), 413, "too_many_images"),
+        (
+            "pixel bomb",
+            c.post(&classify)
+                .header("content-type", "image/png")
+                .body(bomb),
+            413,
+            "too_many_pixels",
+        ),
+        (
+            "too many images",
+            c.post(&classify).multipart(too_many),
+            413,
+            "too_many_images",
+        ),
         (
             "multipart without image",
-            c.post(&classify).multipart(reqwest::multipart::Form::new().text("file", "x")),
+            c.post(&classify)
+                .multipart(reqwest::multipart::Form::new().text("file", "x")),
             400,
             "missing_image",
         ),
-        ("unknown route", c.get(server.url("/v2/nothing")), 404, "not_found"),
+        (
+            "unknown route",
+            c.get(server.url("/v2/nothing")),
+            404,
+            "not_found",
+        ),
         ("wrong method", c.get(&classify), 405, "method_not_allowed"),
-        ("wrong method on health", c.post(server.url("/health/live")), 405, "method_not_allowed"),
+        (
+            "wrong method on health",
+            c.post(server.url("/health/live")),
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (what, req, status, code) in cases {
         let (bad, ()) = tokio::join!(
@@ -186,9 +254,21 @@ async fn every_bad_input_gets_a_clear_json_error_and_disturbs_nothing() {
     }
     // The server counted the failures by reason and is still healthy.
     let metrics = server.metrics().await;
-    for code in ["empty_body", "not_an_image", "too_many_pixels", "body_too_large"] {
-        let n = metric_value(&metrics, "leuknet_failures_total", &format!("reason=\"{code}\""));
-        assert!(n.unwrap_or(0.0) >= 1.0, "failures for {code} in:\n{metrics}");
+    for code in [
+        "empty_body",
+        "not_an_image",
+        "too_many_pixels",
+        "body_too_large",
+    ] {
+        let n = metric_value(
+            &metrics,
+            "leuknet_failures_total",
+            &format!("reason=\"{code}\""),
+        );
+        assert!(
+            n.unwrap_or(0.0) >= 1.0,
+            "failures for {code} in:\n{metrics}"
+        );
     }
     let resp = c.get(server.url("/health/ready")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -201,8 +281,22 @@ async fn models_health_metrics_and_page() {
     let server = Server::start(&card, &[("LEUKNET_MAX_BATCH_SIZE", "4")]).await;
     let c = &server.client;
 
-    assert_eq!(c.get(server.url("/health/live")).send().await.unwrap().status(), 200);
-    let models: serde_json::Value = c.get(server.url("/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        c.get(server.url("/health/live"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let models: serde_json::Value = c
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let m = &models["models"][0];
     assert_eq!(m["card"]["name"], "leuknet-fixture");
     assert_eq!(m["card"]["fixture"], true);
@@ -234,9 +328,15 @@ async fn models_health_metrics_and_page() {
         assert!(text.contains(&format!("# HELP {name} ")), "HELP for {name}");
     }
     // Warm-up batches are not counted as inferred images: only the 3 real ones are.
-    assert_eq!(metric_value(&text, "leuknet_images_inferred_total", ""), Some(3.0));
+    assert_eq!(
+        metric_value(&text, "leuknet_images_inferred_total", ""),
+        Some(3.0)
+    );
     assert!(text.contains("execution_provider=\"cpu\""));
-    assert!(text.contains("route=\"/v1/classify\",status=\"200\"") || text.contains("method=\"POST\",route=\"/v1/classify\",status=\"200\""));
+    assert!(
+        text.contains("route=\"/v1/classify\",status=\"200\"")
+            || text.contains("method=\"POST\",route=\"/v1/classify\",status=\"200\"")
+    );
     let predictions: f64 = text
         .lines()
         .filter(|l| l.starts_with("leuknet_predictions_total{"))
@@ -247,14 +347,24 @@ async fn models_health_metrics_and_page() {
 
     let page = c.get(server.url("/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(csp.contains("frame-ancestors 'none'"));
     assert_eq!(page.headers()["x-content-type-options"], "nosniff");
     let html = page.text().await.unwrap();
     assert!(html.contains("action=\"/v1/classify\"") && html.contains("name=\"image\""));
     assert!(!html.contains("<script"));
 
-    let yaml = c.get(server.url("/openapi.yaml")).send().await.unwrap().text().await.unwrap();
+    let yaml = c
+        .get(server.url("/openapi.yaml"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(yaml.starts_with("openapi: 3"));
 }
 
@@ -264,7 +374,11 @@ async fn concurrent_requests_are_batched() {
     let card = fixture_card(4);
     let server = Server::start(
         &card,
-        &[("LEUKNET_MAX_BATCH_SIZE", "8"), ("LEUKNET_MAX_QUEUE_DELAY_MS", "20"), ("LEUKNET_INTRA_THREADS", "2")],
+        &[
+            ("LEUKNET_MAX_BATCH_SIZE", "8"),
+            ("LEUKNET_MAX_QUEUE_DELAY_MS", "20"),
+            ("LEUKNET_INTRA_THREADS", "2"),
+        ],
     )
     .await;
     let bytes = images[0].1.clone();
@@ -281,8 +395,17 @@ async fn concurrent_requests_are_batched() {
         probabilities.push(v["results"][0]["probability"].as_f64().unwrap());
     }
     // Same image, same answer, whatever batch it landed in.
-    assert!(probabilities.iter().all(|p| (p - probabilities[0]).abs() < 1e-5), "{probabilities:?}");
+    assert!(
+        probabilities
+            .iter()
+            .all(|p| (p - probabilities[0]).abs() < 1e-5),
+        "{probabilities:?}"
+    );
     let after = server.metrics().await;
-    let batches = metric_value(&after, "leuknet_batch_executions_total", "").unwrap() - batches_before;
-    assert!(batches < 24.0, "24 concurrent images ran in {batches} batches: no batching");
+    let batches =
+        metric_value(&after, "leuknet_batch_executions_total", "").unwrap() - batches_before;
+    assert!(
+        batches < 24.0,
+        "24 concurrent images ran in {batches} batches: no batching"
+    );
 }

@@ -16,17 +16,26 @@ async fn full_queue_answers_429_with_retry_after_then_recovers() {
     let bytes = images[0].1.clone();
     let server = Server::start(
         &slow_card(),
-        &[("LEUKNET_MAX_BATCH_SIZE", "1"), ("LEUKNET_MAX_QUEUE_IMAGES", "2")],
+        &[
+            ("LEUKNET_MAX_BATCH_SIZE", "1"),
+            ("LEUKNET_MAX_QUEUE_IMAGES", "2"),
+        ],
     )
     .await;
-    let responses =
-        futures::future::join_all((0..16).map(|_| server.classify_raw(bytes.clone(), "image/jpeg"))).await;
+    let responses = futures::future::join_all(
+        (0..16).map(|_| server.classify_raw(bytes.clone(), "image/jpeg")),
+    )
+    .await;
     let (mut ok, mut full) = (0, 0);
     for r in responses {
         match r.status().as_u16() {
             200 => ok += 1,
             429 => {
-                let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                let retry: u64 = r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 assert!((1..=60).contains(&retry));
                 assert_error(r, 429, "queue_full").await;
                 full += 1;
@@ -36,10 +45,19 @@ async fn full_queue_answers_429_with_retry_after_then_recovers() {
     }
     assert!(ok >= 1 && full >= 1, "ok {ok}, queue_full {full}");
     // Recovery: once the queue drains, requests are served again.
-    assert_eq!(server.classify_raw(bytes.clone(), "image/jpeg").await.status(), 200);
+    assert_eq!(
+        server
+            .classify_raw(bytes.clone(), "image/jpeg")
+            .await
+            .status(),
+        200
+    );
     let m = server.metrics().await;
     assert!(metric_value(&m, "leuknet_failures_total", "reason=\"queue_full\"").unwrap() >= 1.0);
-    assert_eq!(metric_value(&m, "leuknet_queue_depth_images", ""), Some(0.0));
+    assert_eq!(
+        metric_value(&m, "leuknet_queue_depth_images", ""),
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,13 +66,18 @@ async fn requests_past_their_deadline_never_reach_the_model() {
     let bytes = images[0].1.clone();
     let server = Server::start(
         &slow_card(),
-        &[("LEUKNET_MAX_BATCH_SIZE", "1"), ("LEUKNET_REQUEST_TIMEOUT_MS", "250")],
+        &[
+            ("LEUKNET_MAX_BATCH_SIZE", "1"),
+            ("LEUKNET_REQUEST_TIMEOUT_MS", "250"),
+        ],
     )
     .await;
-    let before = metric_value(&server.metrics().await, "leuknet_images_inferred_total", "").unwrap();
+    let before =
+        metric_value(&server.metrics().await, "leuknet_images_inferred_total", "").unwrap();
     let n = 16;
     let responses =
-        futures::future::join_all((0..n).map(|_| server.classify_raw(bytes.clone(), "image/jpeg"))).await;
+        futures::future::join_all((0..n).map(|_| server.classify_raw(bytes.clone(), "image/jpeg")))
+            .await;
     let (mut ok, mut expired) = (0, 0);
     for r in responses {
         match r.status().as_u16() {
@@ -71,10 +94,21 @@ async fn requests_past_their_deadline_never_reach_the_model() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let m = server.metrics().await;
     let inferred = metric_value(&m, "leuknet_images_inferred_total", "").unwrap() - before;
-    assert!(inferred < n as f64, "all {n} images were inferred although {expired} expired");
-    let skipped = metric_value(&m, "leuknet_failures_total", "reason=\"deadline_exceeded_queued\"").unwrap_or(0.0)
+    assert!(
+        inferred < n as f64,
+        "all {n} images were inferred although {expired} expired"
+    );
+    let skipped = metric_value(
+        &m,
+        "leuknet_failures_total",
+        "reason=\"deadline_exceeded_queued\"",
+    )
+    .unwrap_or(0.0)
         + metric_value(&m, "leuknet_failures_total", "reason=\"client_gone\"").unwrap_or(0.0);
-    assert!(skipped >= 1.0, "no expired image was skipped by the batcher:\n{m}");
+    assert!(
+        skipped >= 1.0,
+        "no expired image was skipped by the batcher:\n{m}"
+    );
     assert_eq!(server.classify_raw(bytes, "image/jpeg").await.status(), 200);
 }
 
@@ -83,8 +117,12 @@ async fn clients_that_leave_while_queued_are_skipped_and_nothing_leaks() {
     let Some(images) = real_images() else { return };
     let bytes = images[0].1.clone();
     let server = Server::start(&slow_card(), &[("LEUKNET_MAX_BATCH_SIZE", "1")]).await;
-    let before = metric_value(&server.metrics().await, "leuknet_images_inferred_total", "").unwrap();
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let before =
+        metric_value(&server.metrics().await, "leuknet_images_inferred_total", "").unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
     let n = 12;
     let results = futures::future::join_all((0..n).map(|_| {
         impatient
@@ -95,16 +133,31 @@ async fn clients_that_leave_while_queued_are_skipped_and_nothing_leaks() {
     }))
     .await;
     let gave_up = results.iter().filter(|r| r.is_err()).count();
-    assert!(gave_up >= 1, "every client got its answer within 200 ms; the test needs a slower model");
+    assert!(
+        gave_up >= 1,
+        "every client got its answer within 200 ms; the test needs a slower model"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let m = server.metrics().await;
     let inferred = metric_value(&m, "leuknet_images_inferred_total", "").unwrap() - before;
     let gone = metric_value(&m, "leuknet_failures_total", "reason=\"client_gone\"").unwrap_or(0.0);
-    assert!(gone >= 1.0, "no queued image of a departed client was skipped:\n{m}");
-    assert!(inferred + gone <= n as f64 + 0.5, "inferred {inferred} + skipped {gone} > {n}");
-    assert_eq!(metric_value(&m, "leuknet_queue_depth_images", ""), Some(0.0));
+    assert!(
+        gone >= 1.0,
+        "no queued image of a departed client was skipped:\n{m}"
+    );
+    assert!(
+        inferred + gone <= n as f64 + 0.5,
+        "inferred {inferred} + skipped {gone} > {n}"
+    );
+    assert_eq!(
+        metric_value(&m, "leuknet_queue_depth_images", ""),
+        Some(0.0)
+    );
     // Only this /metrics request is in flight.
-    assert_eq!(metric_value(&m, "leuknet_http_requests_in_flight", ""), Some(1.0));
+    assert_eq!(
+        metric_value(&m, "leuknet_http_requests_in_flight", ""),
+        Some(1.0)
+    );
     assert_eq!(server.classify_raw(bytes, "image/jpeg").await.status(), 200);
 }
 
@@ -120,7 +173,10 @@ async fn sigterm_drains_every_accepted_request_and_exits_zero() {
         let bytes = bytes.clone();
         tokio::spawn(async move {
             futures::future::join_all((0..n).map(|_| {
-                c.post(&url).header("content-type", "image/jpeg").body(bytes.clone()).send()
+                c.post(&url)
+                    .header("content-type", "image/jpeg")
+                    .body(bytes.clone())
+                    .send()
             }))
             .await
         })
@@ -129,16 +185,25 @@ async fn sigterm_drains_every_accepted_request_and_exits_zero() {
     let start = std::time::Instant::now();
     loop {
         let m = server.metrics().await;
-        if metric_value(&m, "leuknet_http_requests_in_flight", "").unwrap_or(0.0) >= (n + 1) as f64 {
+        if metric_value(&m, "leuknet_http_requests_in_flight", "").unwrap_or(0.0) >= (n + 1) as f64
+        {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "requests never got in flight");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "requests never got in flight"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     server.sigterm();
     tokio::time::sleep(Duration::from_millis(30)).await;
     // While draining: not ready, and new work is refused with 503.
-    let ready = server.client.get(server.url("/health/ready")).send().await.unwrap();
+    let ready = server
+        .client
+        .get(server.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
     assert_error(ready, 503, "shutting_down").await;
     let late = server.classify_raw(bytes.clone(), "image/jpeg").await;
     assert_error(late, 503, "shutting_down").await;
@@ -148,6 +213,49 @@ async fn sigterm_drains_every_accepted_request_and_exits_zero() {
         assert_eq!(r.status(), 200);
     }
     let status = server.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "exit status {status:?}: {}", server.log_text());
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        server.log_text()
+    );
     assert!(server.log_text().contains("drained"));
+}
+
+/// A white PNG: the fault-injecting fixture fails any batch that holds one.
+fn white_png() -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(64, 64, image::Rgb([255, 255, 255]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inference_error_fails_only_its_batch() {
+    let Some(images) = real_images() else { return };
+    let good = images[0].1.clone();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("faulty-{}", std::process::id()));
+    let card = leuknet::fixture::write_fixture_with(&dir, 16, 3, true).unwrap();
+    // Batch size 1: the white image's batch holds only itself.
+    let server = Server::start(&card, &[("LEUKNET_MAX_BATCH_SIZE", "1")]).await;
+    let (bad, goods) = tokio::join!(
+        server.classify_raw(white_png(), "image/png"),
+        futures::future::join_all((0..6).map(|_| server.classify_raw(good.clone(), "image/jpeg")))
+    );
+    assert_error(bad, 500, "inference_failed").await;
+    for r in goods {
+        assert_eq!(
+            r.status(),
+            200,
+            "a good request failed next to the faulty batch"
+        );
+    }
+    // The service keeps serving afterwards, and counted the failure.
+    assert_eq!(server.classify_raw(good, "image/jpeg").await.status(), 200);
+    let m = server.metrics().await;
+    assert_eq!(
+        metric_value(&m, "leuknet_failures_total", "reason=\"inference_failed\""),
+        Some(2.0)
+    );
+    assert_eq!(metric_value(&m, "leuknet_ready", ""), Some(1.0));
 }

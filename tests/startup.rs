@@ -36,7 +36,10 @@ fn fixture_copy() -> tempfile::TempDir {
 fn no_model_card_names_the_fixture_command() {
     let (code, err) = run_server(&[("LEUKNET_MODEL_CARD", "/nonexistent/leuknet.json".as_ref())]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("no model card") && err.contains("leuknet-fixture"), "{err}");
+    assert!(
+        err.contains("no model card") && err.contains("leuknet-fixture"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -44,10 +47,16 @@ fn missing_onnx_runtime_names_scripts_setup() {
     let card = fixture_card(16);
     let (code, err) = run_server(&[
         ("LEUKNET_MODEL_CARD", card.as_os_str()),
-        ("LEUKNET_ORT_LIBRARY", "/nonexistent/libonnxruntime.so".as_ref()),
+        (
+            "LEUKNET_ORT_LIBRARY",
+            "/nonexistent/libonnxruntime.so".as_ref(),
+        ),
     ]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("./scripts/setup") && err.contains("LEUKNET_ORT_LIBRARY"), "{err}");
+    assert!(
+        err.contains("./scripts/setup") && err.contains("LEUKNET_ORT_LIBRARY"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -67,8 +76,14 @@ fn tampered_model_file_is_refused_by_sha256() {
 #[test]
 fn card_that_disagrees_with_the_graph_is_refused() {
     for (what, edit) in [
-        ("input name", ("/input/tensor/name", serde_json::json!("pixels"))),
-        ("output shape", ("/outputs/0/shape", serde_json::json!([-1, 2]))),
+        (
+            "input name",
+            ("/input/tensor/name", serde_json::json!("pixels")),
+        ),
+        (
+            "output shape",
+            ("/outputs/0/shape", serde_json::json!([-1, 2])),
+        ),
     ] {
         let dir = fixture_copy();
         let card_path = dir.path().join("leuknet.json");
@@ -112,10 +127,15 @@ fn help_documents_every_flag_with_its_env_var() {
             continue;
         }
         let long = arg.get_long().unwrap();
-        let env = arg.get_env().unwrap_or_else(|| panic!("--{long} has no env var"));
+        let env = arg
+            .get_env()
+            .unwrap_or_else(|| panic!("--{long} has no env var"));
         let env = env.to_string_lossy();
         assert!(env.starts_with("LEUKNET_"), "--{long}: {env}");
-        assert!(help.contains(&format!("--{long}")), "--{long} missing from --help");
+        assert!(
+            help.contains(&format!("--{long}")),
+            "--{long} missing from --help"
+        );
         assert!(help.contains(env.as_ref()), "{env} missing from --help");
     }
 }

@@ -82,21 +82,34 @@ fn resolve_ort_library(path: &Path) -> PathBuf {
     }
 }
 
-/// One preprocessed tensor per input file, or one random tensor when there are none.
-fn images(args: &Args, size: u32, image_len: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-    if args.input.is_empty() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x1e0c);
-        return Ok(vec![(0..image_len).map(|_| rng.random::<f32>()).collect()]);
-    }
-    let limits = Limits {
-        max_pixels: args.max_pixels,
-    };
+/// Reads every `--input` file up front, so a wrong path fails before the model loads.
+fn read_inputs(args: &Args) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
     args.input
         .iter()
         .map(|path| {
             let bytes = std::fs::read(path)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            let pre = preprocess::preprocess(&bytes, size, &limits)
+            Ok((path.clone(), bytes))
+        })
+        .collect()
+}
+
+/// One preprocessed tensor per input file, or one random tensor when there are none.
+fn images(
+    inputs: &[(PathBuf, Vec<u8>)],
+    max_pixels: u64,
+    size: u32,
+    image_len: usize,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    if inputs.is_empty() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x1e0c);
+        return Ok(vec![(0..image_len).map(|_| rng.random::<f32>()).collect()]);
+    }
+    let limits = Limits { max_pixels };
+    inputs
+        .iter()
+        .map(|(path, bytes)| {
+            let pre = preprocess::preprocess(bytes, size, &limits)
                 .map_err(|e| anyhow::anyhow!("cannot preprocess {}: {e}", path.display()))?;
             anyhow::ensure!(
                 pre.tensor.len() == image_len,
@@ -184,23 +197,40 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    match run(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leuknet-bench-raw: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LEUKNET_BENCH_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
 
+    let inputs = read_inputs(args)?;
     engine::init_runtime(&resolve_ort_library(&args.ort_library))?;
     let options = EngineOptions {
         device: args.device,
         intra_threads: args.intra_threads,
     };
     let (card, mut engine) = engine::load_from_card(&args.model_card, &options)?;
-    let images = images(&args, card.input.size, engine.image_len())?;
+    let images = images(
+        &inputs,
+        args.max_pixels,
+        card.input.size,
+        engine.image_len(),
+    )?;
 
     let mut best: Option<Measured> = None;
     for &batch in &args.batch_sizes {

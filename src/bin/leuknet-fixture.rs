@@ -25,11 +25,20 @@ struct Args {
     /// Seed of the random weights; the same seed and width give the same files.
     #[arg(long, env = "LEUKNET_FIXTURE_SEED", default_value_t = 0)]
     seed: u64,
+    /// TEST ONLY: any batch holding a pure white image fails to run (to test that one failing
+    /// batch disturbs nothing else).
+    #[arg(long, env = "LEUKNET_FIXTURE_FAULT_ON_WHITE_INPUT")]
+    fault_on_white_input: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match leuknet::fixture::write_fixture(&args.out, args.width_div.get(), args.seed) {
+    match leuknet::fixture::write_fixture_with(
+        &args.out,
+        args.width_div.get(),
+        args.seed,
+        args.fault_on_white_input,
+    ) {
         Ok(card) => {
             println!("{}", card.display());
             ExitCode::SUCCESS

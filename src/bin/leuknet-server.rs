@@ -8,7 +8,9 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let config = ServerConfig::parse();
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -32,7 +34,10 @@ fn main() -> ExitCode {
         tracing::warn!("serving a RANDOM-WEIGHT test fixture: its answers mean nothing");
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("leuknet-server: cannot start the async runtime: {e}");
@@ -47,9 +52,15 @@ fn main() -> ExitCode {
             // One stable line on stdout, so people and scripts know where to connect.
             println!("leuknet-server listening on http://{addr}");
         }
-        leuknet::server::run(&config, card, engine, listener, leuknet::shutdown::os_signal())
-            .await
-            .map_err(|e| e.to_string())
+        leuknet::server::run(
+            &config,
+            card,
+            engine,
+            listener,
+            leuknet::shutdown::os_signal(),
+        )
+        .await
+        .map_err(|e| e.to_string())
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -106,9 +106,10 @@ pub async fn classify(
         .into_iter()
         .map(|mut d| (std::mem::take(&mut d.tensor), d))
         .unzip();
-    let receivers = state.queue.submit(tensors, deadline.into()).map_err(|full| {
-        ApiError::QueueFull(full.to_string(), retry_after_secs(&state))
-    })?;
+    let receivers = state
+        .queue
+        .submit(tensors, deadline)
+        .map_err(|full| ApiError::QueueFull(full.to_string(), retry_after_secs(&state)))?;
 
     let mut outputs: Vec<JobOutput> = Vec::with_capacity(receivers.len());
     for rx in receivers {
@@ -142,7 +143,10 @@ pub async fn classify(
                 &card.classes.negative
             };
             state.metrics.predictions.with_label_values(&[label]).inc();
-            state.metrics.prediction_score.observe(out.probability as f64);
+            state
+                .metrics
+                .prediction_score
+                .observe(out.probability as f64);
             max = (
                 max.0.max(d.decode_time),
                 max.1.max(out.queue_time),
@@ -198,7 +202,9 @@ struct ActiveGuard<'a>(&'a AppState);
 
 impl<'a> ActiveGuard<'a> {
     fn enter(state: &'a AppState) -> Self {
-        state.active_classify.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        state
+            .active_classify
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Self(state)
     }
 }
@@ -213,7 +219,10 @@ impl Drop for ActiveGuard<'_> {
 
 /// A hint for clients refused with 429: roughly how long the queue takes to drain.
 fn retry_after_secs(state: &AppState) -> u64 {
-    let batches = state.queue.depth().div_ceil(state.runtime.max_batch_size.max(1)) as f64;
+    let batches = state
+        .queue
+        .depth()
+        .div_ceil(state.runtime.max_batch_size.max(1)) as f64;
     let per_batch = {
         let h = &state.metrics.inference_duration;
         let n = h.get_sample_count();
@@ -259,7 +268,9 @@ async fn read_uploads(
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 ApiError::BodyTooLarge { limit }
             } else {
                 ApiError::BadRequest(format!("cannot read the body: {e}"))
@@ -344,13 +355,19 @@ async fn decode_all(state: &Arc<AppState>, uploads: Vec<Bytes>) -> Result<Vec<De
     let results = futures::future::join_all(tasks).await;
     let mut decoded = Vec::with_capacity(results.len());
     for (i, r) in results.into_iter().enumerate() {
-        let prefix = if many { format!("image {}: ", i + 1) } else { String::new() };
+        let prefix = if many {
+            format!("image {}: ", i + 1)
+        } else {
+            String::new()
+        };
         decoded.push(r?.map_err(|e| match e {
             PreprocessError::Empty => ApiError::EmptyBody,
-            PreprocessError::NotAnImage => ApiError::NotAnImage(format!(
-                "{prefix}not a PNG, JPEG, TIFF or BMP image"
-            )),
-            PreprocessError::TooManyPixels { .. } => ApiError::TooManyPixels(format!("{prefix}{e}")),
+            PreprocessError::NotAnImage => {
+                ApiError::NotAnImage(format!("{prefix}not a PNG, JPEG, TIFF or BMP image"))
+            }
+            PreprocessError::TooManyPixels { .. } => {
+                ApiError::TooManyPixels(format!("{prefix}{e}"))
+            }
             other => ApiError::CorruptImage(format!("{prefix}{other}")),
         })?);
     }

@@ -126,7 +126,9 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
-        response.extensions_mut().insert(super::ErrorCode(self.code()));
+        response
+            .extensions_mut()
+            .insert(super::ErrorCode(self.code()));
         if let Self::QueueFull(_, retry_after) = &self {
             response
                 .headers_mut()

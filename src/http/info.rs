@@ -57,7 +57,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /openapi.yaml`.
 pub async fn openapi() -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        )],
         OPENAPI_YAML,
     )
         .into_response()

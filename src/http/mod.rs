@@ -109,12 +109,36 @@ pub const ROUTES: &[RouteDoc] = &[
         path: "/v1/classify",
         statuses: &[200, 400, 413, 415, 422, 429, 500, 503, 504],
     },
-    RouteDoc { method: "GET", path: "/v1/models", statuses: &[200] },
-    RouteDoc { method: "GET", path: "/health/live", statuses: &[200] },
-    RouteDoc { method: "GET", path: "/health/ready", statuses: &[200, 503] },
-    RouteDoc { method: "GET", path: "/metrics", statuses: &[200] },
-    RouteDoc { method: "GET", path: "/openapi.yaml", statuses: &[200] },
-    RouteDoc { method: "GET", path: "/", statuses: &[200] },
+    RouteDoc {
+        method: "GET",
+        path: "/v1/models",
+        statuses: &[200],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/health/live",
+        statuses: &[200],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/health/ready",
+        statuses: &[200, 503],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/metrics",
+        statuses: &[200],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/openapi.yaml",
+        statuses: &[200],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/",
+        statuses: &[200],
+    },
 ];
 
 /// Builds the router with every route, fallback and middleware.

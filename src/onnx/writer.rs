@@ -120,6 +120,10 @@ pub struct LeukNetSpec {
     pub input_size: usize,
     /// Normalisation applied inside the graph, if any.
     pub normalization: Option<InputNormalization>,
+    /// TEST FIXTURES ONLY: make the whole batch fail at run time when any input is all 1.0
+    /// (a pure white image), so tests can prove that one failing batch disturbs nothing else.
+    /// Never set in a real export.
+    pub fault_on_white_input: bool,
 }
 
 fn vgg_cfg(blocks: &[(usize, usize)]) -> Vec<VggLayer> {
@@ -139,6 +143,7 @@ impl LeukNetSpec {
             head: vec![1024, 256],
             input_size: 224,
             normalization: None,
+            fault_on_white_input: false,
         }
     }
 
@@ -162,6 +167,12 @@ impl LeukNetSpec {
         for h in &mut self.head {
             *h = (*h / n).max(1);
         }
+        self
+    }
+
+    /// Adds (or removes) the test-only fault of [`LeukNetSpec::fault_on_white_input`].
+    pub fn with_fault_on_white_input(mut self, on: bool) -> Self {
+        self.fault_on_white_input = on;
         self
     }
 
@@ -490,6 +501,9 @@ fn build_graph(spec: &LeukNetSpec) -> GraphProto {
     for (k, &(j, _, _)) in linears.iter().enumerate() {
         if k + 1 < linears.len() {
             x = g.linear_relu(j, &x);
+        } else if spec.fault_on_white_input {
+            let logit = g.linear(j, &x, &format!("classifier.{j}.out"));
+            x = g.fault_on_white(INPUT_NAME, &logit, LOGIT_OUTPUT);
         } else {
             x = g.linear(j, &x, LOGIT_OUTPUT);
         }
@@ -624,6 +638,75 @@ impl GraphBuilder {
                 attr_ints("strides", &[2, 2]),
             ],
         )
+    }
+
+    /// Test-only fault: `output = logit + 0 * sum(reshape([1.0], [1 + any_white]))`. The
+    /// Reshape of one value to two fails at run time when every input value is >= 1.0, so the
+    /// whole batch errors; otherwise the output equals `logit` exactly.
+    fn fault_on_white(&mut self, image: &str, logit: &str, output: &str) -> String {
+        self.constants.push(f32_tensor("fault.one_f", &[], &[1.0]));
+        self.constants.push(f32_tensor("fault.zero_f", &[], &[0.0]));
+        self.constants
+            .push(f32_tensor("fault.payload", &[1], &[1.0]));
+        self.constants.push(int64_tensor("fault.one_i", &[], &[1]));
+        self.constants.push(int64_tensor("fault.axes0", &[1], &[0]));
+        let min = self.node(
+            "ReduceMin",
+            "fault.min",
+            &[image],
+            "fault.min.out",
+            vec![attr_int("keepdims", 0)],
+        );
+        let white = self.node(
+            "GreaterOrEqual",
+            "fault.white",
+            &[&min, "fault.one_f"],
+            "fault.white.out",
+            vec![],
+        );
+        let flag = self.node(
+            "Cast",
+            "fault.cast",
+            &[&white],
+            "fault.flag",
+            vec![attr_int("to", 7)],
+        );
+        let n = self.node(
+            "Add",
+            "fault.len",
+            &[&flag, "fault.one_i"],
+            "fault.len.out",
+            vec![],
+        );
+        let shape = self.node(
+            "Unsqueeze",
+            "fault.shape",
+            &[&n, "fault.axes0"],
+            "fault.shape.out",
+            vec![],
+        );
+        let r = self.node(
+            "Reshape",
+            "fault.reshape",
+            &["fault.payload", &shape],
+            "fault.reshape.out",
+            vec![],
+        );
+        let sum = self.node(
+            "ReduceSum",
+            "fault.sum",
+            &[&r],
+            "fault.sum.out",
+            vec![attr_int("keepdims", 0)],
+        );
+        let zero = self.node(
+            "Mul",
+            "fault.zero",
+            &[&sum, "fault.zero_f"],
+            "fault.zero.out",
+            vec![],
+        );
+        self.node("Add", "fault.add", &[logit, &zero], output, vec![])
     }
 
     fn flatten(&mut self, input: &str) -> String {
@@ -772,6 +855,7 @@ mod tests {
             head: vec![3],
             input_size: 4,
             normalization: Some(InputNormalization::caffe_vgg16()),
+            fault_on_white_input: false,
         };
         let weights: HashMap<String, Vec<f32>> = spec
             .parameter_shapes()

@@ -48,8 +48,16 @@ pub fn shared_image(rel: &str) -> Option<Vec<u8>> {
 /// A few real images of different formats: (name, bytes, content type).
 pub fn real_images() -> Option<Vec<(&'static str, Vec<u8>, &'static str)>> {
     Some(vec![
-        ("ALL-IDB2/Im001_1.jpg", shared_image("ALL-IDB2/Im001_1.jpg")?, "image/jpeg"),
-        ("JTSC-Zheng2018/001.bmp", shared_image("JTSC-Zheng2018/001.bmp")?, "image/bmp"),
+        (
+            "ALL-IDB2/Im001_1.jpg",
+            shared_image("ALL-IDB2/Im001_1.jpg")?,
+            "image/jpeg",
+        ),
+        (
+            "JTSC-Zheng2018/001.bmp",
+            shared_image("JTSC-Zheng2018/001.bmp")?,
+            "image/bmp",
+        ),
         ("ALL-Aria2021", first_of("ALL-Aria2021")?, "image/jpeg"),
     ])
 }
@@ -148,7 +156,11 @@ impl Server {
                     return;
                 }
             }
-            assert!(start.elapsed() < timeout, "server not ready: {}", self.log_text());
+            assert!(
+                start.elapsed() < timeout,
+                "server not ready: {}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -182,7 +194,11 @@ impl Server {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(start.elapsed() < timeout, "server did not exit: {}", self.log_text());
+            assert!(
+                start.elapsed() < timeout,
+                "server did not exit: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -245,7 +261,9 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, code: &str) -> s
     assert_eq!(got, status, "status for {code}: body {body}");
     assert_eq!(body["error"]["code"], code, "body {body}");
     assert!(
-        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
         "message in {body}"
     );
     body
@@ -259,7 +277,11 @@ pub fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
         for &b in data {
             crc ^= b as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -277,7 +299,11 @@ pub fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&height.to_be_bytes());
     ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }
