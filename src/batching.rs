@@ -292,7 +292,7 @@ impl Worker {
                 tracing::error!(error = %e, batch = n, "batch failed");
                 self.metrics
                     .failures
-                    .with_label_values(&["inference_failed"])
+                    .with_label_values(&["engine_error_images"])
                     .inc_by(n as u64);
                 let message = e.to_string();
                 for job in batch {
