@@ -79,20 +79,37 @@ struct Data {
 }
 
 impl Data {
-    /// The shared data set, or `None` (after printing why) when it is not there.
+    /// The shared data set, or `None` (after printing "skipping") when it is not there.
     fn open(test: &str) -> Option<Data> {
-        let dir = match std::env::var_os("LEUKNET_DATA") {
-            Some(d) => PathBuf::from(d),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
-        };
-        let manifest = dir.join("MANIFEST.csv");
-        let Ok(text) = std::fs::read_to_string(&manifest) else {
+        let found = Data::find();
+        if found.is_none() {
             eprintln!(
                 "skipping {test}: {} not found (set LEUKNET_DATA to the shared data folder)",
-                manifest.display()
+                Data::dir().join("MANIFEST.csv").display()
             );
-            return None;
-        };
+        }
+        found
+    }
+
+    /// Like [`Data::open`], for tests that fall back to synthetic images.
+    fn open_or_synthetic(test: &str) -> Option<Data> {
+        let found = Data::find();
+        if found.is_none() {
+            eprintln!("{test}: shared data not found, using synthetic images instead");
+        }
+        found
+    }
+
+    fn dir() -> PathBuf {
+        match std::env::var_os("LEUKNET_DATA") {
+            Some(d) => PathBuf::from(d),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"),
+        }
+    }
+
+    fn find() -> Option<Data> {
+        let dir = Data::dir();
+        let text = std::fs::read_to_string(dir.join("MANIFEST.csv")).ok()?;
         let rows = text
             .lines()
             .skip(1)
@@ -474,7 +491,7 @@ fn tiff_257x257_cell() {
 
 /// A real cell when the data is there, otherwise a synthetic image.
 fn source_image(test: &str) -> RgbImage {
-    match Data::open(test) {
+    match Data::open_or_synthetic(test) {
         Some(data) => data.rgb(data.first("CellaVision-Zheng2018")),
         None => synthetic(300, 280),
     }
@@ -842,7 +859,7 @@ fn random_bytes_are_not_an_image() {
 
 /// One small file per format (real when the data is there).
 fn small_files(test: &str) -> Vec<(ImageFormat, Vec<u8>)> {
-    let img = DynamicImage::ImageRgb8(match Data::open(test) {
+    let img = DynamicImage::ImageRgb8(match Data::open_or_synthetic(test) {
         Some(data) => data.rgb(data.first("JTSC-Zheng2018")),
         None => synthetic(120, 116),
     });
@@ -1068,6 +1085,9 @@ fn bombs_are_refused_from_the_header_fast_and_without_allocating() {
             50_000,
         ),
         (ImageFormat::Png, png_claiming(100_000, 401), 100_000, 401),
+        // One side alone above the limit.
+        (ImageFormat::Png, png_claiming(50_000_000, 1), 50_000_000, 1),
+        (ImageFormat::Bmp, bmp_claiming(60_000, 1_000), 60_000, 1_000),
     ];
     let limits = Limits {
         max_pixels: 40_000_000,

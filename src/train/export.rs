@@ -1,1 +1,491 @@
-//! (in progress)
+//! Export of a trained [`LeukNet`] as the served artefacts: `<name>.onnx` (written by
+//! [`crate::onnx::write_leuknet_to`] from [`LeukNet::named_weights`]) and `<name>.json` (the
+//! [`ModelCard`], `fixture: false`), followed by a parity check: the files are loaded exactly as
+//! the server loads them ([`crate::engine::load_from_card`], ONNX Runtime on the CPU) and their
+//! probabilities on real preprocessed images are compared with the tch forward pass in eval
+//! mode. The export fails, leaving nothing behind, when any |Δp| exceeds [`PARITY_TOLERANCE`].
+//!
+//! Files are first written into a staging folder inside `out_dir` and only moved to their final
+//! names after the parity check passes, so a failed export neither leaves partial files nor
+//! disturbs an earlier export of the same name.
+
+use crate::engine::{self, EngineError, EngineOptions, DEFAULT_ORT_LIBRARY};
+use crate::model_card::{Classes, Decision, InputSpec, ModelCard, TensorSpec};
+use crate::onnx::{
+    write_leuknet_to, OnnxWriteError, VggLayer, INPUT_NAME, LOGIT_OUTPUT, PROBABILITY_OUTPUT,
+};
+use crate::train::model::LeukNet;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// Largest accepted |p_onnx - p_tch| on any parity image.
+pub const PARITY_TOLERANCE: f32 = 1e-4;
+
+/// Images per batch in the parity check (both runtimes).
+const PARITY_BATCH: usize = 8;
+
+/// How the weights are stored in the ONNX file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightStorage {
+    /// f32 initializers (the only storage the writer supports today).
+    #[default]
+    Fp32,
+    /// f16 initializers + Cast (not supported by the writer yet).
+    Fp16,
+    /// int8 initializers + DequantizeLinear (not supported by the writer yet).
+    Int8,
+}
+
+impl WeightStorage {
+    /// `fp32`, `fp16` or `int8`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightStorage::Fp32 => "fp32",
+            WeightStorage::Fp16 => "fp16",
+            WeightStorage::Int8 => "int8",
+        }
+    }
+}
+
+/// The card fields the trainer decides; everything else (input spec, outputs, architecture,
+/// sha256) is derived from the model and the written file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportCard {
+    /// Model version, e.g. `1.0.0`.
+    pub version: String,
+    /// What the model is, in a sentence or two.
+    pub description: String,
+    /// Probability at or above which the label is `leukemic`; must be inside (0, 1).
+    pub threshold: f32,
+    /// How the threshold was chosen (data and criterion).
+    pub threshold_chosen_by: String,
+    /// Training protocol and provenance (free JSON: data, splits, seeds, optimiser, init ...).
+    pub training: serde_json::Value,
+    /// Evaluation results (free JSON).
+    pub metrics: serde_json::Value,
+    /// What the model may be used for.
+    pub intended_use: String,
+    /// The warning shown with every answer.
+    pub disclaimer: String,
+    /// Colour normalisation applied before the graph, identical in training and serving
+    /// (`null` for none); recorded as `architecture.color_normalization`.
+    pub color_normalization: serde_json::Value,
+    /// Provenance and licence of pretrained weights, if any (e.g.
+    /// [`crate::train::vgg_import::PROVENANCE`]); recorded as `architecture.pretrained_weights`.
+    pub pretrained_weights: Option<String>,
+}
+
+impl Default for ExportCard {
+    fn default() -> Self {
+        Self {
+            version: "0.1.0".into(),
+            description: "LeukNet: VGG-16 conv base + fully connected head, sigmoid output; \
+                          screens blood-smear images for leukemia."
+                .into(),
+            threshold: 0.5,
+            threshold_chosen_by: "default 0.5 (not tuned)".into(),
+            training: serde_json::Value::Null,
+            metrics: serde_json::Value::Null,
+            intended_use: "Research on automated leukemia screening of blood-smear images. \
+                           Not a medical device."
+                .into(),
+            disclaimer: "Research use only. Not a medical device and not validated for \
+                         clinical use: never base a diagnosis or treatment decision on it."
+                .into(),
+            color_normalization: serde_json::Value::Null,
+            pretrained_weights: None,
+        }
+    }
+}
+
+/// What an export produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportReport {
+    /// `<out_dir>/<name>.onnx`.
+    pub onnx_path: PathBuf,
+    /// `<out_dir>/<name>.json`.
+    pub card_path: PathBuf,
+    /// sha256 of the ONNX file (as in the card).
+    pub sha256: String,
+    /// Largest |p_onnx - p_tch| over the parity images.
+    pub max_abs_diff_probability: f32,
+    /// Number of parity images compared.
+    pub parity_images: usize,
+}
+
+/// The outcome of [`check_parity`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Parity {
+    /// Largest |p_onnx - p_tch| (infinite when either side produced NaN).
+    pub max_abs_diff: f32,
+    /// Index of the image with the largest difference.
+    pub worst_image: usize,
+    /// Probabilities from ONNX Runtime, one per image.
+    pub onnx: Vec<f32>,
+    /// Probabilities from tch (eval mode), one per image.
+    pub tch: Vec<f32>,
+}
+
+/// Why an export failed. Nothing is left in `out_dir` after any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(
+        "weight storage {0} is not supported yet: the ONNX writer only emits f32 initializers \
+         (it needs f16 initializers + Cast, or int8 + DequantizeLinear, first)"
+    )]
+    Unsupported(&'static str),
+    #[error("invalid export request: {0}")]
+    Invalid(String),
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the ONNX graph: {0}")]
+    Onnx(OnnxWriteError),
+    #[error("cannot serialise the model card: {0}")]
+    Card(#[from] serde_json::Error),
+    #[error("ONNX Runtime could not load or run the exported model: {0}")]
+    Engine(#[from] EngineError),
+    #[error("tch forward pass failed: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(
+        "parity check failed: max |p_onnx - p_tch| = {max_abs_diff} on image {worst_image} \
+         (tolerance {tolerance}); the exported graph does not compute what the trained model \
+         computes, so nothing was exported"
+    )]
+    Parity {
+        max_abs_diff: f32,
+        worst_image: usize,
+        tolerance: f32,
+    },
+}
+
+/// Exports `model` to `<out_dir>/<name>.onnx` + `<name>.json` and proves them equal to the tch
+/// model on `parity_images` (preprocessed CHW tensors of real images, `3 * S * S` values in
+/// `[0, 1]` each, from [`crate::preprocess::preprocess`]). Only [`WeightStorage::Fp32`] is
+/// supported.
+pub fn export(
+    model: &LeukNet,
+    out_dir: &Path,
+    name: &str,
+    card_fields: ExportCard,
+    parity_images: &[Vec<f32>],
+    storage: WeightStorage,
+) -> Result<ExportReport, ExportError> {
+    export_with_weight_hook(
+        model,
+        out_dir,
+        name,
+        card_fields,
+        parity_images,
+        storage,
+        |_| {},
+    )
+}
+
+/// [`export`], with `hook` allowed to alter the weights handed to the ONNX writer. Meant for
+/// tests that prove the parity check catches a graph that differs from the tch model; a real
+/// export passes a no-op (or calls [`export`]).
+#[doc(hidden)]
+pub fn export_with_weight_hook(
+    model: &LeukNet,
+    out_dir: &Path,
+    name: &str,
+    card_fields: ExportCard,
+    parity_images: &[Vec<f32>],
+    storage: WeightStorage,
+    hook: impl FnOnce(&mut BTreeMap<String, Vec<f32>>),
+) -> Result<ExportReport, ExportError> {
+    if storage != WeightStorage::Fp32 {
+        return Err(ExportError::Unsupported(storage.as_str()));
+    }
+    validate_request(model, name, &card_fields, parity_images)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExportError::Io { path, source }
+    };
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let staging = out_dir.join(format!(".{name}.export-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    std::fs::create_dir(&staging).map_err(io(&staging))?;
+
+    let result = (|| {
+        let onnx_file = format!("{name}.onnx");
+        let card_file = format!("{name}.json");
+        let mut weights = model.named_weights();
+        hook(&mut weights);
+        let sha256 = write_onnx(model, &weights, &staging.join(&onnx_file))?;
+        drop(weights);
+        let card = build_card(model, &card_fields, &onnx_file, sha256.clone(), storage);
+        let mut json = serde_json::to_string_pretty(&card)?;
+        json.push('\n');
+        let staged_card = staging.join(&card_file);
+        std::fs::write(&staged_card, json).map_err(io(&staged_card))?;
+
+        let parity = check_parity(model, &staged_card, parity_images)?;
+        if parity.max_abs_diff > PARITY_TOLERANCE {
+            return Err(ExportError::Parity {
+                max_abs_diff: parity.max_abs_diff,
+                worst_image: parity.worst_image,
+                tolerance: PARITY_TOLERANCE,
+            });
+        }
+        let onnx_path = out_dir.join(&onnx_file);
+        let card_path = out_dir.join(&card_file);
+        std::fs::rename(staging.join(&onnx_file), &onnx_path).map_err(io(&onnx_path))?;
+        if let Err(e) = std::fs::rename(&staged_card, &card_path) {
+            let _ = std::fs::remove_file(&onnx_path);
+            return Err(io(&card_path)(e));
+        }
+        Ok(ExportReport {
+            onnx_path,
+            card_path,
+            sha256,
+            max_abs_diff_probability: parity.max_abs_diff,
+            parity_images: parity_images.len(),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+fn validate_request(
+    model: &LeukNet,
+    name: &str,
+    card: &ExportCard,
+    parity_images: &[Vec<f32>],
+) -> Result<(), ExportError> {
+    let invalid = |m: String| Err(ExportError::Invalid(m));
+    if name.is_empty()
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return invalid(format!(
+            "model name {name:?} must be non-empty ASCII letters, digits, '-', '_' or '.', \
+             not starting with '.'"
+        ));
+    }
+    if !(card.threshold > 0.0 && card.threshold < 1.0) {
+        return invalid(format!(
+            "decision threshold {} is not inside (0, 1)",
+            card.threshold
+        ));
+    }
+    if model.spec.fault_on_white_input {
+        return invalid("fault_on_white_input is a test-fixture feature; never export it".into());
+    }
+    if parity_images.is_empty() {
+        return invalid("the parity check needs at least one real preprocessed image".into());
+    }
+    let side = model.spec.input_size;
+    let want = 3 * side * side;
+    if let Some((i, img)) = parity_images
+        .iter()
+        .enumerate()
+        .find(|(_, img)| img.len() != want)
+    {
+        return invalid(format!(
+            "parity image {i} has {} values, expected 3 x {side} x {side} = {want}",
+            img.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Streams the graph to `path` while hashing it; returns the sha256.
+fn write_onnx(
+    model: &LeukNet,
+    weights: &BTreeMap<String, Vec<f32>>,
+    path: &Path,
+) -> Result<String, ExportError> {
+    let io = |source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut out = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+    };
+    write_leuknet_to(&model.spec, weights, &mut out).map_err(|e| match e {
+        OnnxWriteError::Io(source) => io(source),
+        other => ExportError::Onnx(other),
+    })?;
+    let file = out.inner.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(hex::encode(out.hasher.finalize()))
+}
+
+fn build_card(
+    model: &LeukNet,
+    fields: &ExportCard,
+    onnx_file: &str,
+    sha256: String,
+    storage: WeightStorage,
+) -> ModelCard {
+    let spec = &model.spec;
+    let side = spec.input_size as i64;
+    let cfg: Vec<serde_json::Value> = spec
+        .conv
+        .iter()
+        .map(|l| match l {
+            VggLayer::Conv(c) => serde_json::json!(c),
+            VggLayer::MaxPool => serde_json::json!("M"),
+        })
+        .collect();
+    let normalization = spec.normalization.map(|n| {
+        serde_json::json!({
+            "reverse_channels": n.reverse_channels,
+            "scale": n.scale,
+            "mean": n.mean,
+            "std": n.std,
+            "formula": "x' = (reorder(x) * scale - mean[c]) / std[c], c in the reordered (BGR) order",
+        })
+    });
+    ModelCard {
+        name: onnx_file.trim_end_matches(".onnx").to_string(),
+        version: fields.version.clone(),
+        description: fields.description.clone(),
+        onnx_file: onnx_file.into(),
+        sha256,
+        input: InputSpec {
+            tensor: TensorSpec {
+                name: INPUT_NAME.into(),
+                shape: vec![-1, 3, side, side],
+            },
+            size: spec.input_size as u32,
+            channel_order: "RGB".into(),
+            layout: "NCHW".into(),
+            value_range: [0.0, 1.0],
+            resize: crate::preprocess::RESIZE_METHOD.into(),
+            normalization: "none (applied inside the graph)".into(),
+        },
+        outputs: vec![
+            TensorSpec {
+                name: LOGIT_OUTPUT.into(),
+                shape: vec![-1, 1],
+            },
+            TensorSpec {
+                name: PROBABILITY_OUTPUT.into(),
+                shape: vec![-1, 1],
+            },
+        ],
+        probability_output: PROBABILITY_OUTPUT.into(),
+        classes: Classes {
+            positive: "leukemic".into(),
+            negative: "healthy".into(),
+        },
+        decision: Decision {
+            threshold: fields.threshold,
+            chosen_by: fields.threshold_chosen_by.clone(),
+        },
+        architecture: serde_json::json!({
+            "family": "LeukNet: VGG conv base + fully connected head, sigmoid output",
+            "cfg": cfg,
+            "head": spec.head,
+            "dropout": model.dropout,
+            "output_units": 1,
+            "input_size": spec.input_size,
+            "parameters": spec.parameter_count(),
+            "in_graph_normalization": normalization,
+            "color_normalization": fields.color_normalization,
+            "pretrained_weights": fields.pretrained_weights,
+            "weight_storage": storage.as_str(),
+        }),
+        training: fields.training.clone(),
+        metrics: fields.metrics.clone(),
+        intended_use: fields.intended_use.clone(),
+        disclaimer: fields.disclaimer.clone(),
+        fixture: false,
+    }
+}
+
+/// The ONNX Runtime library to load: `LEUKNET_ORT_LIBRARY` if set, else
+/// [`DEFAULT_ORT_LIBRARY`] from the working directory, else from this checkout.
+pub fn ort_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("LEUKNET_ORT_LIBRARY") {
+        return PathBuf::from(p);
+    }
+    let relative = PathBuf::from(DEFAULT_ORT_LIBRARY);
+    if relative.is_file() {
+        return relative;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_ORT_LIBRARY)
+}
+
+/// Loads the card at `card_path` and its ONNX file as the server does (sha256 and graph checked,
+/// ONNX Runtime CPU provider) and compares its probabilities with `model`'s eval-mode tch
+/// probabilities on `images` (CHW `[0, 1]` tensors). Returns the comparison; the caller decides
+/// what difference is acceptable ([`export`] uses [`PARITY_TOLERANCE`]).
+pub fn check_parity(
+    model: &LeukNet,
+    card_path: &Path,
+    images: &[Vec<f32>],
+) -> Result<Parity, ExportError> {
+    engine::init_runtime(&ort_library())?;
+    let options = EngineOptions {
+        device: engine::Device::Cpu,
+        intra_threads: 0,
+    };
+    let (card, mut session) = engine::load_from_card(card_path, &options)?;
+    let side = card.input.size as usize;
+    let image_len = 3 * side * side;
+    if let Some(i) = images.iter().position(|img| img.len() != image_len) {
+        return Err(ExportError::Invalid(format!(
+            "parity image {i} has {} values, the card's input needs {image_len}",
+            images[i].len()
+        )));
+    }
+    let mut onnx = Vec::with_capacity(images.len());
+    let mut torch = Vec::with_capacity(images.len());
+    for chunk in images.chunks(PARITY_BATCH) {
+        let flat: Vec<f32> = chunk.iter().flatten().copied().collect();
+        let x = Tensor::from_slice(&flat).view([chunk.len() as i64, 3, side as i64, side as i64]);
+        let p = model.predict(&x).to_device(tch::Device::Cpu).contiguous();
+        torch.extend(Vec::<f32>::try_from(&p)?);
+        onnx.extend(session.run(flat, chunk.len())?);
+    }
+    let mut max_abs_diff = 0.0f32;
+    let mut worst_image = 0;
+    for (i, (a, b)) in onnx.iter().zip(&torch).enumerate() {
+        let d = (a - b).abs();
+        let d = if d.is_nan() { f32::INFINITY } else { d };
+        if d > max_abs_diff {
+            max_abs_diff = d;
+            worst_image = i;
+        }
+    }
+    Ok(Parity {
+        max_abs_diff,
+        worst_image,
+        onnx,
+        tch: torch,
+    })
+}
+
+/// Passes bytes through while hashing them, so the card's sha256 needs no second read.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -19,3 +19,6 @@ pub mod features;
 pub mod model;
 pub mod vgg_import;
 pub mod export;
+pub mod pipeline;
+pub mod finetune;
+pub mod protocol;

