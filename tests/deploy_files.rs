@@ -735,10 +735,73 @@ fn check_builds_and_bases(d: &Deploy) -> Vec<String> {
     problems
 }
 
-/// Files that `include_str!`/`include_bytes!` pull into the crate must reach the builder stage:
-/// inside a path the Dockerfile copies and not excluded by .dockerignore.
+/// Sources the image's `cargo build` does not compile: binaries other than its `--bin` targets,
+/// and modules that `src/lib.rs` gates behind a `#[cfg(feature = "...")]` the build leaves off.
+fn sources_outside_the_image_build(d: &Deploy) -> Vec<PathBuf> {
+    let runs: Vec<String> = stages(&d.dockerfile_text)
+        .iter()
+        .flat_map(|s| s.instrs.iter())
+        .filter(|i| i.keyword == "RUN" && i.rest.contains("cargo build"))
+        .map(|i| i.rest.clone())
+        .collect();
+    let built_bins: BTreeSet<String> = runs
+        .iter()
+        .flat_map(|r| {
+            let toks: Vec<String> = r.split_whitespace().map(str::to_string).collect();
+            toks.windows(2)
+                .filter(|w| w[0] == "--bin")
+                .map(|w| w[1].trim_end_matches(';').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let feature_on = |f: &str| {
+        runs.iter().any(|r| {
+            r.contains("--all-features")
+                || r.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .any(|w| w[0] == "--features" && w[1].split(',').any(|x| x == f))
+        })
+    };
+    let mut skip = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(d.context.join("src/bin")) {
+        for e in entries.flatten() {
+            let stem = e
+                .path()
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("")
+                .to_string();
+            if !built_bins.contains(&stem) {
+                skip.push(e.path());
+            }
+        }
+    }
+    let lib = std::fs::read_to_string(d.context.join("src/lib.rs")).unwrap_or_default();
+    let lines: Vec<&str> = lib.lines().map(str::trim).collect();
+    for w in lines.windows(2) {
+        let gate = w[0]
+            .strip_prefix("#[cfg(feature = \"")
+            .and_then(|r| r.strip_suffix("\")]"));
+        let module = w[1]
+            .trim_start_matches("pub ")
+            .strip_prefix("mod ")
+            .and_then(|r| r.strip_suffix(';'));
+        if let (Some(feature), Some(module)) = (gate, module) {
+            if !feature_on(feature) {
+                skip.push(d.context.join(format!("src/{module}.rs")));
+                skip.push(d.context.join(format!("src/{module}")));
+            }
+        }
+    }
+    skip
+}
+
+/// Files that `include_str!`/`include_bytes!` pull into the image's build must reach the
+/// builder stage: inside a path the Dockerfile copies and not excluded by .dockerignore.
 fn check_included_files(d: &Deploy) -> Vec<String> {
     let mut problems = Vec::new();
+    let skip = sources_outside_the_image_build(d);
     let copied: Vec<PathBuf> = stages(&d.dockerfile_text)
         .iter()
         .flat_map(|s| s.instrs.iter())
@@ -758,6 +821,9 @@ fn check_included_files(d: &Deploy) -> Vec<String> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
+            if skip.iter().any(|s| path.starts_with(s)) {
+                continue;
+            }
             if path.is_dir() {
                 stack.push(path);
                 continue;
@@ -1186,6 +1252,27 @@ fn include_check_rejects_an_embedded_file_left_out_of_the_build() {
         check_included_files(&d),
         "includes \"../../openapi.yaml\", which the Dockerfile does not COPY",
     );
+}
+
+#[test]
+fn include_check_scans_only_what_the_image_compiles() {
+    let d = deploy();
+    let skip = sources_outside_the_image_build(&d);
+    let bench_raw = root().join("src/bin/leuknet-bench-raw.rs");
+    assert!(
+        skip.contains(&bench_raw),
+        "{skip:?} should hold {}",
+        bench_raw.display()
+    );
+    assert!(!skip.contains(&root().join("src/bin/leuknet-server.rs")));
+    if read("src/lib.rs").contains("#[cfg(feature = \"train\")]") {
+        assert!(skip.contains(&root().join("src/train")), "{skip:?}");
+        let d = altered_dockerfile(
+            "--locked --bin leuknet-server \\",
+            "--locked --features train --bin leuknet-server \\",
+        );
+        assert!(!sources_outside_the_image_build(&d).contains(&root().join("src/train")));
+    }
 }
 
 #[test]

@@ -469,7 +469,7 @@ fn blur_reduces_high_frequency_energy() {
     let out = aug.apply(&img, SIZE, &mut StdRng::seed_from_u64(0));
     assert!(hf_energy(&out, SIZE) < 0.2 * e0);
     // A constant image stays constant.
-    let mut flat = vec![0.4; 3 * SIZE * SIZE];
+    let mut flat = vec![0.4f32; 3 * SIZE * SIZE];
     gaussian_blur(&mut flat, SIZE, 1.5);
     assert!(flat.iter().all(|v| (v - 0.4).abs() < 1e-5));
 }

@@ -252,6 +252,7 @@ fn real_kfold_is_stratified_grouped_and_reproducible() {
         .into_iter()
         .collect();
     strata.sort();
+    let mut spreads = Vec::new();
     for (ds, label) in strata {
         let counts: Vec<usize> = splits
             .iter()
@@ -264,11 +265,12 @@ fn real_kfold_is_stratified_grouped_and_reproducible() {
             .collect();
         let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
         println!("{ds} label {label}: per-fold {counts:?}");
-        let grouped = ds == "DeepAPL";
-        assert!(
-            spread <= if grouped { 12 } else { 2 },
-            "{ds} {label}: {counts:?}"
-        );
+        spreads.push((ds, label, spread));
+    }
+    for (ds, label, spread) in spreads {
+        // DeepAPL is grouped by patient (up to 12 images per patient and class).
+        let limit = if ds == "DeepAPL" { 3 } else { 1 };
+        assert!(spread <= limit, "{ds} label {label}: spread {spread}");
     }
     // Patients: all of one patient's images in one test fold.
     let mut fold_of_patient: HashMap<&str, usize> = HashMap::new();
@@ -350,17 +352,23 @@ fn real_balanced_batches_are_balanced_and_reproducible() {
     assert_ne!(e1, e0);
     assert_ne!(balanced_batches(samples, &split.train, batch, 8, 0), e0);
     // Large groups continue their permutation across epochs: PBC (750 images, about 1/7 of each
-    // epoch) shows no repeats over epochs 0 and 1 together.
-    let pbc: Vec<usize> = e0
-        .iter()
-        .chain(&e1)
-        .flatten()
-        .copied()
-        .filter(|&i| samples[i].dataset == "PBC-Acevedo2020")
-        .collect();
-    let unique: HashSet<usize> = pbc.iter().copied().collect();
-    assert!(pbc.len() < 750);
-    assert_eq!(unique.len(), pbc.len(), "repeats inside one pass of PBC");
+    // epoch of 2889) has no repeats in epoch 0, and epochs 0 and 1 together (more than 750 PBC
+    // draws) have used every PBC image.
+    let pbc = |e: &Vec<Vec<usize>>| -> Vec<usize> {
+        e.iter()
+            .flatten()
+            .copied()
+            .filter(|&i| samples[i].dataset == "PBC-Acevedo2020")
+            .collect()
+    };
+    let p0 = pbc(&e0);
+    let unique0: HashSet<usize> = p0.iter().copied().collect();
+    assert!(p0.len() < 750 && p0.len() > 300, "{}", p0.len());
+    assert_eq!(unique0.len(), p0.len(), "repeats inside one pass of PBC");
+    let p1 = pbc(&e1);
+    assert!(p0.len() + p1.len() >= 750);
+    let unique01: HashSet<usize> = p0.iter().chain(&p1).copied().collect();
+    assert_eq!(unique01.len(), 750);
 }
 
 #[test]

@@ -1217,6 +1217,8 @@ pub fn stratified_kfold(samples: &[Sample], k: usize, seed: u64) -> Vec<Split> {
     group_order.sort_by_key(|key| std::cmp::Reverse(groups[key].len()));
     let mut fill = vec![vec![0usize; n_strata]; k]; // per fold, per stratum
     let mut label_count = vec![[0usize; 2]; k]; // per fold, per label
+    let mut group_fold: Vec<usize> = Vec::with_capacity(group_order.len());
+    let mut comps: Vec<Vec<usize>> = Vec::with_capacity(group_order.len());
     for key in &group_order {
         let members = &groups[key];
         let mut comp = vec![0usize; n_strata];
@@ -1230,10 +1232,17 @@ pub fn stratified_kfold(samples: &[Sample], k: usize, seed: u64) -> Vec<Split> {
                 (overlap, total, f)
             })
             .unwrap_or(0);
-        for &i in members {
-            fold_of[i] = best;
-            fill[best][stratum_of[i]] += 1;
-            label_count[best][usize::from(samples[i].label.min(1))] += 1;
+        for (f, c) in fill[best].iter_mut().zip(&comp) {
+            *f += c;
+        }
+        group_fold.push(best);
+        comps.push(comp);
+    }
+    refine_group_folds(&comps, &mut group_fold, &mut fill, k);
+    for (key, &f) in group_order.iter().zip(&group_fold) {
+        for &i in &groups[key] {
+            fold_of[i] = f;
+            label_count[f][usize::from(samples[i].label.min(1))] += 1;
         }
     }
 
@@ -1315,6 +1324,76 @@ pub fn stratified_kfold(samples: &[Sample], k: usize, seed: u64) -> Vec<Split> {
             }
         })
         .collect()
+}
+
+/// Local search after the greedy placement of patient groups: moves one group to another fold,
+/// or swaps two groups between folds, while that lowers
+/// `Σ_folds Σ_strata (k * count - total)^2`; deterministic, at most 100 passes.
+fn refine_group_folds(comps: &[Vec<usize>], fold: &mut [usize], fill: &mut [Vec<usize>], k: usize) {
+    let n_strata = fill.first().map_or(0, Vec::len);
+    let totals: Vec<i64> = (0..n_strata)
+        .map(|s| fill.iter().map(|f| f[s] as i64).sum())
+        .collect();
+    let term = |v: i64, s: usize| {
+        let d = k as i64 * v - totals[s];
+        d * d
+    };
+    // Change of the cost when fold `a` loses `diff` and fold `b` gains it.
+    let delta = |fill: &[Vec<usize>], a: usize, b: usize, diff: &[i64]| -> i64 {
+        (0..n_strata)
+            .filter(|&s| diff[s] != 0)
+            .map(|s| {
+                let (va, vb) = (fill[a][s] as i64, fill[b][s] as i64);
+                term(va - diff[s], s) + term(vb + diff[s], s) - term(va, s) - term(vb, s)
+            })
+            .sum()
+    };
+    let apply = |fill: &mut [Vec<usize>], a: usize, b: usize, diff: &[i64]| {
+        for (s, &d) in diff.iter().enumerate() {
+            fill[a][s] = (fill[a][s] as i64 - d) as usize;
+            fill[b][s] = (fill[b][s] as i64 + d) as usize;
+        }
+    };
+    for _pass in 0..100 {
+        let mut improved = false;
+        for g in 0..comps.len() {
+            let a = fold[g];
+            let diff: Vec<i64> = comps[g].iter().map(|&c| c as i64).collect();
+            let best_move = (0..k)
+                .filter(|&b| b != a)
+                .map(|b| (delta(fill, a, b, &diff), b))
+                .min();
+            if let Some((d, b)) = best_move {
+                if d < 0 {
+                    apply(fill, a, b, &diff);
+                    fold[g] = b;
+                    improved = true;
+                    continue;
+                }
+            }
+            for h in (g + 1)..comps.len() {
+                let b = fold[h];
+                if b == a {
+                    continue;
+                }
+                let diff: Vec<i64> = comps[g]
+                    .iter()
+                    .zip(&comps[h])
+                    .map(|(&x, &y)| x as i64 - y as i64)
+                    .collect();
+                if delta(fill, a, b, &diff) < 0 {
+                    apply(fill, a, b, &diff);
+                    fold[g] = b;
+                    fold[h] = a;
+                    improved = true;
+                    break;
+                }
+            }
+        }
+        if !improved {
+            break;
+        }
+    }
 }
 
 /// Leave-one-source-out folds INSIDE a training set, for model selection without touching the
