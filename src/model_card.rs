@@ -147,6 +147,7 @@ impl ModelCard {
                 self.probability_output
             )));
         }
+        self.color_normalization()?;
         let s = self.input.size as i64;
         if self.input.tensor.shape.len() != 4 || self.input.tensor.shape[1..] != [3, s, s] {
             return Err(CardError::Invalid(format!(
@@ -155,6 +156,17 @@ impl ModelCard {
             )));
         }
         Ok(())
+    }
+
+    /// The colour normalisation the model was trained with (`architecture.color_normalization`;
+    /// absent or null means none). The server applies it after preprocessing, exactly as the
+    /// trainer did.
+    pub fn color_normalization(&self) -> Result<crate::color_norm::ColorNormalization, CardError> {
+        match self.architecture.get("color_normalization") {
+            None | Some(serde_json::Value::Null) => Ok(Default::default()),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| CardError::Invalid(format!("architecture.color_normalization: {e}"))),
+        }
     }
 
     /// Path of the ONNX file this card describes, relative to the card's own location.

@@ -88,7 +88,9 @@ pub async fn run(
     let (queue, engine_thread) = BatchQueue::start(engine, batch.clone(), metrics.clone(), on_warm)
         .map_err(ServerError::Thread)?;
 
+    let color_norm = card.color_normalization().map_err(EngineError::Card)?;
     let state = Arc::new(AppState {
+        color_norm,
         card,
         queue,
         metrics: metrics.clone(),

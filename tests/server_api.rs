@@ -409,3 +409,51 @@ async fn concurrent_requests_are_batched() {
         "24 concurrent images ran in {batches} batches: no batching"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cards_colour_normalisation_is_applied_as_in_training() {
+    let Some(images) = real_images() else { return };
+    // A copy of the fixture whose card asks for grayscale input.
+    let src = fixture_card(16);
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["leuknet.onnx", "leuknet.json"] {
+        std::fs::copy(src.parent().unwrap().join(f), dir.path().join(f)).unwrap();
+    }
+    let card_path = dir.path().join("leuknet.json");
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
+    card["architecture"]["color_normalization"] = serde_json::json!({"kind": "grayscale"});
+    std::fs::write(&card_path, card.to_string()).unwrap();
+
+    let server = Server::start(&card_path, &[]).await;
+    let bytes = &images[2].1; // an Aria field: strongly coloured
+    let resp = server.classify_raw(bytes.clone(), "image/jpeg").await;
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let got = body["results"][0]["probability"].as_f64().unwrap() as f32;
+
+    engine::init_runtime(std::path::Path::new(engine::DEFAULT_ORT_LIBRARY)).unwrap();
+    let (_, mut eng) = engine::load_from_card(
+        &card_path,
+        &EngineOptions {
+            device: Device::Cpu,
+            intra_threads: 1,
+        },
+    )
+    .unwrap();
+    let mut p = preprocess(bytes, 224, &Limits::default()).unwrap();
+    let plain = eng.run(p.tensor.clone(), 1).unwrap()[0];
+    leuknet::color_norm::ColorNormalization::Grayscale {
+        contrast_stretch: false,
+    }
+    .apply(&mut p.tensor, 224);
+    let gray = eng.run(p.tensor, 1).unwrap()[0];
+    assert!(
+        (got - gray).abs() < 1e-5,
+        "server {got} vs grayscale {gray}"
+    );
+    assert!(
+        (plain - gray).abs() > 1e-6,
+        "grayscale made no difference; the test proves nothing"
+    );
+}

@@ -139,3 +139,16 @@ fn help_documents_every_flag_with_its_env_var() {
         assert!(help.contains(env.as_ref()), "{env} missing from --help");
     }
 }
+
+#[test]
+fn unknown_colour_normalisation_in_the_card_is_refused() {
+    let dir = fixture_copy();
+    let card_path = dir.path().join("leuknet.json");
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
+    card["architecture"]["color_normalization"] = serde_json::json!({"kind": "sepia"});
+    std::fs::write(&card_path, card.to_string()).unwrap();
+    let (code, err) = run_server(&[("LEUKNET_MODEL_CARD", card_path.as_os_str())]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("color_normalization"), "{err}");
+}

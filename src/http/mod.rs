@@ -64,6 +64,8 @@ pub struct RuntimeInfo {
 pub struct AppState {
     /// The model card of the served model.
     pub card: ModelCard,
+    /// The card's colour normalisation, applied after preprocessing as in training.
+    pub color_norm: crate::color_norm::ColorNormalization,
     /// The batching queue in front of the engine.
     pub queue: BatchQueue,
     /// Metrics registry.

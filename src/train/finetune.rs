@@ -95,7 +95,11 @@ pub enum TrainError {
 }
 
 /// A fresh model for `opts`: initialised (head seeded by `opts.seed`) and frozen per mode.
-pub fn fresh_model(opts: &TrainOptions, init: &Init, device: Device) -> Result<LeukNet, TrainError> {
+pub fn fresh_model(
+    opts: &TrainOptions,
+    init: &Init,
+    device: Device,
+) -> Result<LeukNet, TrainError> {
     tch::manual_seed(opts.seed as i64);
     let mut model = LeukNet::with_init(opts.spec(), device, init)?;
     model.set_trainable(opts.mode);
@@ -128,7 +132,14 @@ fn inputs(ctx: &Context, opts: &TrainOptions, keys: &[(usize, usize)]) -> Option
     }
     let mut flat = Vec::with_capacity(keys.len() * 3 * SIZE * SIZE);
     for &(i, v) in keys {
-        flat.extend(view(ctx.images, i, v, &opts.augmenter, &opts.color_norm, opts.seed)?);
+        flat.extend(view(
+            ctx.images,
+            i,
+            v,
+            &opts.augmenter,
+            &opts.color_norm,
+            opts.seed,
+        )?);
     }
     Some(
         Tensor::from_slice(&flat)
@@ -164,7 +175,10 @@ pub fn train(
     let mut curve = Vec::new();
     let mut start_epoch = 0;
     let (ckpt, state_path) = match checkpoint_dir {
-        Some(d) => (Some(d.join("latest.safetensors")), Some(d.join("state.json"))),
+        Some(d) => (
+            Some(d.join("latest.safetensors")),
+            Some(d.join("state.json")),
+        ),
         None => (None, None),
     };
     if let (Some(ckpt), Some(state_path)) = (&ckpt, &state_path) {
@@ -200,16 +214,24 @@ pub fn train(
         } else {
             let mut order = train.clone();
             order.shuffle(&mut rng);
-            order.chunks(opts.batch.max(1)).map(<[usize]>::to_vec).collect()
+            order
+                .chunks(opts.batch.max(1))
+                .map(<[usize]>::to_vec)
+                .collect()
         };
-        let pb = progress(steps_per_epoch as u64, &format!("{label} e{}/{}", epoch + 1, opts.epochs));
+        let pb = progress(
+            steps_per_epoch as u64,
+            &format!("{label} e{}/{}", epoch + 1, opts.epochs),
+        );
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in batches {
             let keys: Vec<(usize, usize)> = b
                 .iter()
                 .map(|&i| (i, rng.random_range(0..opts.views.max(1))))
                 .collect();
-            let Some(x) = inputs(ctx, opts, &keys) else { continue };
+            let Some(x) = inputs(ctx, opts, &keys) else {
+                continue;
+            };
             let y: Vec<f32> = b.iter().map(|&i| ctx.samples[i].label as f32).collect();
             let y = Tensor::from_slice(&y).to_device(ctx.device);
             let logits = model.forward_from(&x, stage, true).view([-1]);
@@ -274,7 +296,9 @@ pub fn predict_logits(
     let mut logits = Vec::with_capacity(kept.len());
     for chunk in kept.chunks(32) {
         let keys: Vec<(usize, usize)> = chunk.iter().map(|&i| (i, 0)).collect();
-        let Some(x) = inputs(ctx, opts, &keys) else { continue };
+        let Some(x) = inputs(ctx, opts, &keys) else {
+            continue;
+        };
         let out = tch::no_grad(|| model.forward_from(&x, stage, false))
             .to_kind(Kind::Float)
             .to_device(Device::Cpu)

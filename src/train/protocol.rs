@@ -109,7 +109,10 @@ pub fn run_split(
     let y = labels(ctx.samples, &kept);
     let p = decision.probabilities(&logits);
     let metrics = binary_metrics(&y, &p, decision.threshold);
-    let roc = roc_curve(&y, &p).into_iter().map(|(f, t, _)| (f, t)).collect();
+    let roc = roc_curve(&y, &p)
+        .into_iter()
+        .map(|(f, t, _)| (f, t))
+        .collect();
     tracing::info!(
         split = %split.name,
         seed = opts.seed,
@@ -121,7 +124,10 @@ pub fn run_split(
     );
     let record = RunRecord {
         protocol: protocol.to_string(),
-        split: split.test_dataset.clone().unwrap_or_else(|| split.name.clone()),
+        split: split
+            .test_dataset
+            .clone()
+            .unwrap_or_else(|| split.name.clone()),
         seed: opts.seed,
         metrics,
         curve,
