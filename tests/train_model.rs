@@ -436,12 +436,14 @@ fn device_choice() {
 
 #[test]
 fn tiny_model_overfits_16_real_images() {
-    let size = 224;
+    // 64 px keeps a step well under a second on two cores; the topology is VGG-16's (five
+    // blocks, 2 x 2 final map), the width 1/16.
+    let size = 64;
     let Some((images, labels)) = real_images(8, size as u32) else {
         return;
     };
     let t = Instant::now();
-    let model = seeded_model(tiny_spec(), 7);
+    let model = seeded_model(tiny_spec_at(size), 7);
     let x = batch(&images, size);
     let y = Tensor::from_slice(&labels).view([-1, 1]);
     let eval_loss = || {
@@ -453,11 +455,11 @@ fn tiny_model_overfits_16_real_images() {
         })
     };
     let initial = eval_loss();
-    let mut opt = tch::nn::OptimizerConfig::build(tch::nn::Adam::default(), &model.vs, 1e-3)
+    let mut opt = tch::nn::OptimizerConfig::build(tch::nn::Adam::default(), &model.vs, 3e-3)
         .expect("optimiser");
     let mut loss = initial;
     let mut steps = 0;
-    while steps < 300 && loss > initial / 10.0 {
+    while steps < 400 && loss > initial / 10.0 {
         let l = model
             .forward_t(&x, true)
             .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, tch::Reduction::Mean);

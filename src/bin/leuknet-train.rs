@@ -9,7 +9,7 @@ use leuknet::train::augment::Augmenter;
 use leuknet::train::data::{self, Split};
 use leuknet::train::eval_metrics::summarize;
 use leuknet::train::export::{export, ExportCard, WeightStorage};
-use leuknet::train::finetune::{fresh_model, train, Context, TrainOptions};
+use leuknet::train::finetune::{fold_platt, fresh_model, train, Context, TrainOptions};
 use leuknet::train::model::{device_from, FineTuneMode, Init, Stage};
 use leuknet::train::pipeline::{build_cache, prepare_images};
 use leuknet::train::protocol::{choose_decision, run_split, ThresholdRule};
@@ -423,7 +423,7 @@ fn write_outputs(report: &Report, out: &Path) -> Result<()> {
 fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule) -> Result<()> {
     let all: Vec<usize> = (0..ctx.samples.len()).collect();
     let opts = options(a, a.seed);
-    let (mut model, curve) = train(
+    let (model, curve) = train(
         ctx,
         &all,
         &opts,
@@ -431,7 +431,7 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         Some(&a.out.join("checkpoints/final")),
     )?;
     let decision = choose_decision(ctx, &model, &opts, &all, rule, "final")?;
-    model.fold_platt(decision.platt_a, decision.platt_b)?;
+    fold_platt(&model, decision.platt_a, decision.platt_b)?;
     let Some(dir) = &a.export_dir else {
         eprintln!("final model trained (no --export-dir: not exported)");
         return Ok(());

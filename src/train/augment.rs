@@ -322,7 +322,8 @@ pub fn warp(chw: &[f32], size: usize, params: &GeometricParams) -> Vec<f32> {
 /// values clamped to [0, 1] after each step:
 /// 1. HED stain jitter ([`stain_jitter`]) with `alpha_j ~ U[1 - s, 1 + s]`,
 ///    `beta_j ~ U[-s, s]` for each stain `j` (H, E, DAB), `s = stain_jitter`
-///    (Tellez et al. 2018: 0.05 "light", 0.2 "strong").
+///    (Tellez et al. 2018 call 0.05 "light" and 0.2 "strong", with `beta` in scikit-image's
+///    scaled density units; ours is log10 density, see [`stain_jitter`]).
 /// 2. Brightness: multiply by a factor from `[max(0, 1 - b), 1 + b]` (torchvision semantics).
 /// 3. Contrast: blend with the image's mean luminance, factor from `[max(0, 1 - c), 1 + c]`.
 /// 4. Saturation: blend with the pixel's luminance, factor from `[max(0, 1 - s), 1 + s]`.
@@ -539,8 +540,7 @@ pub fn shift_hue(chw: &mut [f32], size: usize, shift: f32) {
 pub const RGB_FROM_HED: [[f32; 3]; 3] =
     [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]];
 
-/// Smallest intensity before taking the logarithm, and the optical-density scale: as in
-/// scikit-image, `od = ln(max(x, 1e-6)) / ln(1e-6)`, so od is in [0, 1] for x in [1e-6, 1].
+/// Smallest intensity before taking the logarithm (optical density at most 6).
 const OD_EPS: f32 = 1e-6;
 
 /// Inverse of a 3 x 3 matrix (the stain matrix is well conditioned).
@@ -563,12 +563,17 @@ fn invert3(m: &[[f32; 3]; 3]) -> [[f32; 3]; 3] {
 
 /// HED stain-space jitter (Tellez et al. 2018) with given per-stain factors.
 ///
-/// Each pixel's RGB is turned into optical density `od = ln(max(x, 1e-6)) / ln(1e-6)` (the
-/// scikit-image `rgb2hed` scaling, so Tellez' sigma values carry over), projected onto the
-/// haematoxylin, eosin and DAB concentrations with the inverse of [`RGB_FROM_HED`]; each
-/// concentration `c_j` becomes `alpha[j] * c_j + beta[j]`, and the result goes back to RGB and
-/// is clamped to [0, 1]. `alpha = [1; 3]`, `beta = [0; 3]` is the identity (up to rounding and
-/// the 1e-6 floor). Concentrations are not clipped at zero, so the projection is invertible.
+/// Each pixel's RGB is turned into optical density `od = -log10(max(x, 1e-6))` (Ruifrok &
+/// Johnston's definition, incident light = 1), projected onto the haematoxylin, eosin and DAB
+/// concentrations with the inverse of [`RGB_FROM_HED`]; each concentration `c_j` becomes
+/// `alpha[j] * c_j + beta[j]`, and the result goes back to RGB (`x = 10^-od`) and is clamped to
+/// [0, 1]. `alpha = [1; 3]`, `beta = [0; 3]` is the identity (up to rounding and the 1e-6
+/// floor). Concentrations are not clipped at zero, so the projection is invertible.
+///
+/// Units: `beta` is in log10 optical density, so `beta_H = 0.05` darkens a white background by
+/// about 7 % in R and G. (scikit-image's `rgb2hed` divides a natural-log density by
+/// `-ln(1e-6)`; in those units the same numbers would be 6 times stronger, which on our images
+/// moved channel means by up to 0.3 at sigma 0.05.)
 pub fn stain_jitter(chw: &mut [f32], size: usize, alpha: [f32; 3], beta: [f32; 3]) {
     check_len(chw, size);
     let hed_from_rgb = invert3(&RGB_FROM_HED);
@@ -585,20 +590,20 @@ pub fn stain_jitter(chw: &mut [f32], size: usize, alpha: [f32; 3], beta: [f32; 3
     for (o, v) in offset.iter_mut().enumerate() {
         *v = (0..3).map(|j| beta[j] * RGB_FROM_HED[j][o]).sum();
     }
-    let ln_eps = OD_EPS.ln(); // negative
+    let ln10 = std::f32::consts::LN_10;
     let plane = size * size;
     let (rp, rest) = chw.split_at_mut(plane);
     let (gp, bp) = rest.split_at_mut(plane);
     for ((r, g), b) in rp.iter_mut().zip(gp.iter_mut()).zip(bp.iter_mut()) {
         let od = [
-            r.max(OD_EPS).ln() / ln_eps,
-            g.max(OD_EPS).ln() / ln_eps,
-            b.max(OD_EPS).ln() / ln_eps,
+            -r.max(OD_EPS).ln() / ln10,
+            -g.max(OD_EPS).ln() / ln10,
+            -b.max(OD_EPS).ln() / ln10,
         ];
         let mut out = [0.0f32; 3];
         for (o, v) in out.iter_mut().enumerate() {
             let d = od[0] * k[0][o] + od[1] * k[1][o] + od[2] * k[2][o] + offset[o];
-            *v = (d * ln_eps).exp().clamp(0.0, 1.0);
+            *v = (-d * ln10).exp().clamp(0.0, 1.0);
         }
         *r = out[0];
         *g = out[1];

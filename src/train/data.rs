@@ -1216,7 +1216,7 @@ pub fn stratified_kfold(samples: &[Sample], k: usize, seed: u64) -> Vec<Split> {
     rng.shuffle(&mut group_order);
     group_order.sort_by_key(|key| std::cmp::Reverse(groups[key].len()));
     let mut fill = vec![vec![0usize; n_strata]; k]; // per fold, per stratum
-    let mut label_count = vec![[0usize; 2]; k]; // per fold, per label
+    let mut label_count = vec![[0usize; 256]; k]; // per fold, per label value
     let mut group_fold: Vec<usize> = Vec::with_capacity(group_order.len());
     let mut comps: Vec<Vec<usize>> = Vec::with_capacity(group_order.len());
     for key in &group_order {
@@ -1242,12 +1242,15 @@ pub fn stratified_kfold(samples: &[Sample], k: usize, seed: u64) -> Vec<Split> {
     for (key, &f) in group_order.iter().zip(&group_fold) {
         for &i in &groups[key] {
             fold_of[i] = f;
-            label_count[f][usize::from(samples[i].label.min(1))] += 1;
+            label_count[f][usize::from(samples[i].label)] += 1;
         }
     }
 
     // Phase 2: samples without a patient id, per label.
-    for label in [0u8, 1u8] {
+    let mut labels: Vec<u8> = samples.iter().map(|s| s.label).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    for label in labels {
         // Their strata in order of first appearance, items shuffled within each.
         let mut per_stratum: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, s) in samples.iter().enumerate() {

@@ -109,6 +109,26 @@ pub fn fresh_model(
     Ok(model)
 }
 
+/// Folds a Platt calibration `sigmoid(a * logit + b)` into the last Linear layer, so the
+/// exported graph's probability output is the calibrated one.
+pub fn fold_platt(model: &LeukNet, a: f32, b: f32) -> Result<(), TrainError> {
+    let shapes = model.spec.parameter_shapes();
+    let n = shapes.len();
+    let (w_name, b_name) = (&shapes[n - 2].0, &shapes[n - 1].0);
+    let vars = model.vs.variables();
+    let (Some(w), Some(bias)) = (vars.get(w_name), vars.get(b_name)) else {
+        return Err(TrainError::NoData);
+    };
+    tch::no_grad(|| {
+        let mut w = w.shallow_clone();
+        let mut bias = bias.shallow_clone();
+        let _ = w.f_mul_scalar_(a as f64)?;
+        let _ = bias.f_mul_scalar_(a as f64)?.f_add_scalar_(b as f64)?;
+        Ok::<(), tch::TchError>(())
+    })?;
+    Ok(())
+}
+
 #[derive(Serialize, Deserialize)]
 struct CheckpointState {
     options: TrainOptions,
@@ -238,7 +258,7 @@ pub fn train(
             let loss = logits.binary_cross_entropy_with_logits::<Tensor>(
                 &y,
                 None,
-                pos_weight.as_ref(),
+                pos_weight.as_ref().map(Tensor::shallow_clone),
                 Reduction::Mean,
             );
             opt.backward_step(&loss);
