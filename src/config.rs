@@ -49,9 +49,10 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_batch_size: u32,
 
-    /// How long the batcher waits for more images to fill a batch while the engine is busy
-    /// or the batch is not full (ms). An idle engine with a waiting image never waits longer.
-    #[arg(long, env = "LEUKNET_MAX_QUEUE_DELAY_MS", default_value_t = 2)]
+    /// How long the batcher may wait for more images once it holds one and the batch is not
+    /// full (ms). 0 runs at once whenever the engine is free: batches then form from the
+    /// images that arrived while the previous batch ran, at no added latency.
+    #[arg(long, env = "LEUKNET_MAX_QUEUE_DELAY_MS", default_value_t = 0)]
     pub max_queue_delay_ms: u64,
 
     /// Images that may wait in the queue; more are refused with 429 and Retry-After.

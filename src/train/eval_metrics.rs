@@ -113,21 +113,21 @@ impl Confusion {
         }
     }
 
-    /// Cohen's kappa `(po - pe) / (1 - pe)`; 0 when empty or when `pe = 1`.
+    /// Cohen's kappa `(po - pe) / (1 - pe)`; 0 when empty or when `pe = 1`. Computed in the
+    /// exact binary form `2 (tp tn - fn fp) / ((tp + fp)(fp + tn) + (tp + fn)(fn + tn))`, so
+    /// chance-level predictions give exactly 0.
     pub fn kappa(&self) -> f64 {
-        let n = self.n() as f64;
-        if n == 0.0 {
-            return 0.0;
-        }
-        let po = (self.tp + self.tn) as f64 / n;
-        let pred_pos = (self.tp + self.fp) as f64 / n;
-        let true_pos = self.positives() as f64 / n;
-        let pe = pred_pos * true_pos + (1.0 - pred_pos) * (1.0 - true_pos);
-        let denom = 1.0 - pe;
-        if denom.abs() < 1e-12 {
+        let (tp, fp, tn, fn_) = (
+            self.tp as f64,
+            self.fp as f64,
+            self.tn as f64,
+            self.fn_ as f64,
+        );
+        let den = (tp + fp) * (fp + tn) + (tp + fn_) * (fn_ + tn);
+        if den == 0.0 {
             0.0
         } else {
-            (po - pe) / denom
+            2.0 * (tp * tn - fn_ * fp) / den
         }
     }
 

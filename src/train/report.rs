@@ -434,6 +434,8 @@ pub fn plot_training_curves(runs: &[RunRecord], path_png: &Path) -> Result<()> {
             .configure_mesh()
             .x_desc("epoch")
             .y_desc("loss")
+            .x_labels((e_hi - e_lo + 1).min(10))
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 16))
             .draw()
@@ -496,7 +498,7 @@ pub fn plot_training_curves(runs: &[RunRecord], path_png: &Path) -> Result<()> {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::MiddleRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
@@ -525,7 +527,8 @@ pub fn plot_roc(runs: &[RunRecord], path_png: &Path) -> Result<()> {
         .caption("ROC curves", ("sans-serif", 28))
         .x_label_area_size(50)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+        // A little padding so that perfect curves along the axes stay visible.
+        .build_cartesian_2d(-0.01..1.01, -0.01..1.01)
         .map_err(plot_err)?;
     chart
         .configure_mesh()
