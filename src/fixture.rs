@@ -6,10 +6,10 @@
 //! narrows every layer for fast tests. Its card says `fixture: true` and, loudly, that its
 //! weights are random.
 
-use crate::model_card::{Classes, Decision, InputSpec, ModelCard, TensorSpec};
+use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
 use crate::onnx::writer::{
     write_leuknet_to, InputNormalization, LeukNetSpec, OnnxWriteError, VggLayer, WeightSource,
-    INPUT_NAME, LOGIT_OUTPUT, PROBABILITY_OUTPUT,
+    PROBABILITY_OUTPUT,
 };
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -122,7 +122,6 @@ pub fn write_fixture_with(
 /// The card of a fixture: every field a real card has, and `fixture: true` with warnings that
 /// cannot be missed.
 fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String) -> ModelCard {
-    let side = spec.input_size as i64;
     let cfg: Vec<serde_json::Value> = spec
         .conv
         .iter()
@@ -151,33 +150,10 @@ fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String)
         ),
         onnx_file: FIXTURE_ONNX_FILE.into(),
         sha256,
-        input: InputSpec {
-            tensor: TensorSpec {
-                name: INPUT_NAME.into(),
-                shape: vec![-1, 3, side, side],
-            },
-            size: spec.input_size as u32,
-            channel_order: "RGB".into(),
-            layout: "NCHW".into(),
-            value_range: [0.0, 1.0],
-            resize: crate::preprocess::RESIZE_METHOD.into(),
-            normalization: "none (applied inside the graph)".into(),
-        },
-        outputs: vec![
-            TensorSpec {
-                name: LOGIT_OUTPUT.into(),
-                shape: vec![-1, 1],
-            },
-            TensorSpec {
-                name: PROBABILITY_OUTPUT.into(),
-                shape: vec![-1, 1],
-            },
-        ],
+        input: InputSpec::leuknet(spec.input_size as u32),
+        outputs: leuknet_outputs(),
         probability_output: PROBABILITY_OUTPUT.into(),
-        classes: Classes {
-            positive: "leukemic".into(),
-            negative: "healthy".into(),
-        },
+        classes: Classes::leuknet(),
         decision: Decision {
             threshold: 0.5,
             chosen_by: "not chosen: random-weight fixture".into(),

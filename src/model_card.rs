@@ -109,6 +109,48 @@ pub struct ModelCard {
     pub fixture: bool,
 }
 
+impl InputSpec {
+    /// The input of every LeukNet graph the ONNX writer produces: `image`, `[-1, 3, size, size]`,
+    /// RGB in [0, 1], preprocessed by [`crate::preprocess::preprocess`], normalised in-graph.
+    pub fn leuknet(size: u32) -> Self {
+        let side = size as i64;
+        InputSpec {
+            tensor: TensorSpec {
+                name: crate::onnx::INPUT_NAME.into(),
+                shape: vec![-1, 3, side, side],
+            },
+            size,
+            channel_order: "RGB".into(),
+            layout: "NCHW".into(),
+            value_range: [0.0, 1.0],
+            resize: crate::preprocess::RESIZE_METHOD.into(),
+            normalization: "none (applied inside the graph)".into(),
+        }
+    }
+}
+
+/// The outputs of every LeukNet graph the ONNX writer produces: `logit` and `probability`,
+/// both `[-1, 1]`.
+pub fn leuknet_outputs() -> Vec<TensorSpec> {
+    [crate::onnx::LOGIT_OUTPUT, crate::onnx::PROBABILITY_OUTPUT]
+        .into_iter()
+        .map(|name| TensorSpec {
+            name: name.into(),
+            shape: vec![-1, 1],
+        })
+        .collect()
+}
+
+impl Classes {
+    /// LeukNet's classes: `leukemic` at or above the threshold, `healthy` below.
+    pub fn leuknet() -> Self {
+        Classes {
+            positive: "leukemic".into(),
+            negative: "healthy".into(),
+        }
+    }
+}
+
 /// Lowercase hex sha256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

@@ -10,10 +10,8 @@
 //! disturbs an earlier export of the same name.
 
 use crate::engine::{self, EngineError, EngineOptions, DEFAULT_ORT_LIBRARY};
-use crate::model_card::{Classes, Decision, InputSpec, ModelCard, TensorSpec};
-use crate::onnx::{
-    write_leuknet_to, OnnxWriteError, VggLayer, INPUT_NAME, LOGIT_OUTPUT, PROBABILITY_OUTPUT,
-};
+use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
+use crate::onnx::{write_leuknet_to, OnnxWriteError, VggLayer, PROBABILITY_OUTPUT};
 use crate::train::model::LeukNet;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -333,7 +331,6 @@ fn build_card(
     storage: WeightStorage,
 ) -> ModelCard {
     let spec = &model.spec;
-    let side = spec.input_size as i64;
     let cfg: Vec<serde_json::Value> = spec
         .conv
         .iter()
@@ -357,33 +354,10 @@ fn build_card(
         description: fields.description.clone(),
         onnx_file: onnx_file.into(),
         sha256,
-        input: InputSpec {
-            tensor: TensorSpec {
-                name: INPUT_NAME.into(),
-                shape: vec![-1, 3, side, side],
-            },
-            size: spec.input_size as u32,
-            channel_order: "RGB".into(),
-            layout: "NCHW".into(),
-            value_range: [0.0, 1.0],
-            resize: crate::preprocess::RESIZE_METHOD.into(),
-            normalization: "none (applied inside the graph)".into(),
-        },
-        outputs: vec![
-            TensorSpec {
-                name: LOGIT_OUTPUT.into(),
-                shape: vec![-1, 1],
-            },
-            TensorSpec {
-                name: PROBABILITY_OUTPUT.into(),
-                shape: vec![-1, 1],
-            },
-        ],
+        input: InputSpec::leuknet(spec.input_size as u32),
+        outputs: leuknet_outputs(),
         probability_output: PROBABILITY_OUTPUT.into(),
-        classes: Classes {
-            positive: "leukemic".into(),
-            negative: "healthy".into(),
-        },
+        classes: Classes::leuknet(),
         decision: Decision {
             threshold: fields.threshold,
             chosen_by: fields.threshold_chosen_by.clone(),
