@@ -8,7 +8,7 @@
 
 use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
 use crate::onnx::writer::{
-    write_leuknet_to, InputNormalization, LeukNetSpec, OnnxWriteError, VggLayer, WeightSource,
+    write_leuknet_to, InputNormalization, LeukNetSpec, OnnxWriteError, WeightSource,
     PROBABILITY_OUTPUT,
 };
 use rand::{rngs::StdRng, SeedableRng};
@@ -122,23 +122,12 @@ pub fn write_fixture_with(
 /// The card of a fixture: every field a real card has, and `fixture: true` with warnings that
 /// cannot be missed.
 fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String) -> ModelCard {
-    let cfg: Vec<serde_json::Value> = spec
-        .conv
-        .iter()
-        .map(|l| match l {
-            VggLayer::Conv(c) => serde_json::json!(c),
-            VggLayer::MaxPool => serde_json::json!("M"),
-        })
-        .collect();
-    let normalization = spec.normalization.map(|n| {
-        serde_json::json!({
-            "reverse_channels": n.reverse_channels,
-            "scale": n.scale,
-            "mean": n.mean,
-            "std": n.std,
-            "formula": "x' = (reorder(x) * scale - mean[c]) / std[c], c in the reordered (BGR) order",
-        })
-    });
+    let mut architecture = spec.architecture_json();
+    architecture.insert("width_div".into(), width_div.into());
+    architecture.insert(
+        "fault_on_white_input".into(),
+        spec.fault_on_white_input.into(),
+    );
     ModelCard {
         name: FIXTURE_NAME.into(),
         version: format!("0.0.0-fixture.w{width_div}.s{seed}"),
@@ -158,17 +147,7 @@ fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String)
             threshold: 0.5,
             chosen_by: "not chosen: random-weight fixture".into(),
         },
-        architecture: serde_json::json!({
-            "family": "LeukNet: VGG-16 conv base + fully connected head, sigmoid output",
-            "cfg": cfg,
-            "head": spec.head,
-            "output_units": 1,
-            "input_size": spec.input_size,
-            "width_div": width_div,
-            "fault_on_white_input": spec.fault_on_white_input,
-            "parameters": spec.parameter_count(),
-            "in_graph_normalization": normalization,
-        }),
+        architecture: architecture.into(),
         training: serde_json::json!({
             "trained": false,
             "init": "random (He normal)",

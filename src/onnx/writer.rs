@@ -176,6 +176,43 @@ impl LeukNetSpec {
         self
     }
 
+    /// The architecture section of a model card: VGG configuration (`"M"` = max-pool), head,
+    /// input side, parameter count and the in-graph normalisation. Callers add their own keys.
+    pub fn architecture_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let cfg: Vec<serde_json::Value> = self
+            .conv
+            .iter()
+            .map(|l| match l {
+                VggLayer::Conv(c) => serde_json::json!(c),
+                VggLayer::MaxPool => serde_json::json!("M"),
+            })
+            .collect();
+        let normalization = self.normalization.map(|n| {
+            serde_json::json!({
+                "reverse_channels": n.reverse_channels,
+                "scale": n.scale,
+                "mean": n.mean,
+                "std": n.std,
+                "formula": "x' = (reorder(x) * scale - mean[c]) / std[c], c in the reordered (BGR) order",
+            })
+        });
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "family".into(),
+            "LeukNet: VGG conv base + fully connected head, sigmoid output".into(),
+        );
+        m.insert("cfg".into(), cfg.into());
+        m.insert("head".into(), serde_json::json!(self.head));
+        m.insert("output_units".into(), 1.into());
+        m.insert("input_size".into(), self.input_size.into());
+        m.insert("parameters".into(), self.parameter_count().into());
+        m.insert(
+            "in_graph_normalization".into(),
+            serde_json::json!(normalization),
+        );
+        m
+    }
+
     /// Replaces the in-graph normalisation.
     pub fn with_normalization(mut self, normalization: Option<InputNormalization>) -> Self {
         self.normalization = normalization;

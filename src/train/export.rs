@@ -11,7 +11,7 @@
 
 use crate::engine::{self, EngineError, EngineOptions, DEFAULT_ORT_LIBRARY};
 use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
-use crate::onnx::{write_leuknet_to, OnnxWriteError, VggLayer, PROBABILITY_OUTPUT};
+use crate::onnx::{write_leuknet_to, OnnxWriteError, PROBABILITY_OUTPUT};
 use crate::train::model::LeukNet;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -331,23 +331,17 @@ fn build_card(
     storage: WeightStorage,
 ) -> ModelCard {
     let spec = &model.spec;
-    let cfg: Vec<serde_json::Value> = spec
-        .conv
-        .iter()
-        .map(|l| match l {
-            VggLayer::Conv(c) => serde_json::json!(c),
-            VggLayer::MaxPool => serde_json::json!("M"),
-        })
-        .collect();
-    let normalization = spec.normalization.map(|n| {
-        serde_json::json!({
-            "reverse_channels": n.reverse_channels,
-            "scale": n.scale,
-            "mean": n.mean,
-            "std": n.std,
-            "formula": "x' = (reorder(x) * scale - mean[c]) / std[c], c in the reordered (BGR) order",
-        })
-    });
+    let mut architecture = spec.architecture_json();
+    architecture.insert("dropout".into(), serde_json::json!(model.dropout));
+    architecture.insert(
+        "color_normalization".into(),
+        fields.color_normalization.clone(),
+    );
+    architecture.insert(
+        "pretrained_weights".into(),
+        serde_json::json!(fields.pretrained_weights),
+    );
+    architecture.insert("weight_storage".into(), storage.as_str().into());
     ModelCard {
         name: onnx_file.trim_end_matches(".onnx").to_string(),
         version: fields.version.clone(),
@@ -362,19 +356,7 @@ fn build_card(
             threshold: fields.threshold,
             chosen_by: fields.threshold_chosen_by.clone(),
         },
-        architecture: serde_json::json!({
-            "family": "LeukNet: VGG conv base + fully connected head, sigmoid output",
-            "cfg": cfg,
-            "head": spec.head,
-            "dropout": model.dropout,
-            "output_units": 1,
-            "input_size": spec.input_size,
-            "parameters": spec.parameter_count(),
-            "in_graph_normalization": normalization,
-            "color_normalization": fields.color_normalization,
-            "pretrained_weights": fields.pretrained_weights,
-            "weight_storage": storage.as_str(),
-        }),
+        architecture: architecture.into(),
         training: fields.training.clone(),
         metrics: fields.metrics.clone(),
         intended_use: fields.intended_use.clone(),
