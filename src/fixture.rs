@@ -8,15 +8,13 @@
 
 use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
 use crate::onnx::writer::{
-    write_leuknet_to, InputNormalization, LeukNetSpec, OnnxWriteError, WeightSource,
+    write_leuknet_file, InputNormalization, LeukNetSpec, OnnxWriteError, WeightSource,
     PROBABILITY_OUTPUT,
 };
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// File name of the fixture's ONNX graph inside the output directory.
@@ -90,23 +88,10 @@ pub fn write_fixture_with(
 
     let onnx_path = out_dir.join(FIXTURE_ONNX_FILE);
     let onnx_tmp = out_dir.join(format!("{FIXTURE_ONNX_FILE}.tmp"));
-    let sha256 = {
-        let file = std::fs::File::create(&onnx_tmp).map_err(io(&onnx_tmp))?;
-        let mut out = HashingWriter {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
-        };
-        write_leuknet_to(&spec, &weights, &mut out).map_err(|e| match e {
-            OnnxWriteError::Io(source) => io(&onnx_tmp)(source),
-            other => FixtureError::Graph(other),
-        })?;
-        let file = out
-            .inner
-            .into_inner()
-            .map_err(|e| io(&onnx_tmp)(e.into_error()))?;
-        file.sync_all().map_err(io(&onnx_tmp))?;
-        hex::encode(out.hasher.finalize())
-    };
+    let sha256 = write_leuknet_file(&spec, &weights, &onnx_tmp).map_err(|e| match e {
+        OnnxWriteError::Io(source) => io(&onnx_tmp)(source),
+        other => FixtureError::Graph(other),
+    })?;
     std::fs::rename(&onnx_tmp, &onnx_path).map_err(io(&onnx_path))?;
 
     let card = fixture_card(&spec, width_div, seed, sha256);
@@ -216,23 +201,5 @@ impl WeightSource for FixtureWeights {
 
     fn weight_len(&self, name: &str) -> Option<usize> {
         self.tensors.get(name).map(|&(_, len, _)| len)
-    }
-}
-
-/// Passes bytes through while hashing them, so the card's sha256 needs no second read.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
     }
 }

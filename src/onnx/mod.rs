@@ -9,6 +9,6 @@ pub mod proto {
 pub mod writer;
 
 pub use writer::{
-    write_leuknet, write_leuknet_to, InputNormalization, LeukNetSpec, OnnxWriteError, VggLayer,
-    WeightSource, INPUT_NAME, LOGIT_OUTPUT, PROBABILITY_OUTPUT,
+    write_leuknet, write_leuknet_file, write_leuknet_to, InputNormalization, LeukNetSpec,
+    OnnxWriteError, VggLayer, WeightSource, INPUT_NAME, LOGIT_OUTPUT, PROBABILITY_OUTPUT,
 };

@@ -452,6 +452,44 @@ pub fn write_leuknet_to<W: WeightSource + ?Sized, O: Write>(
     Ok(written)
 }
 
+/// Writes the graph to the file at `path` (buffered, synced) and returns the file's sha256 in
+/// lowercase hex, computed while writing so the model card needs no second read of the file.
+pub fn write_leuknet_file<W: WeightSource + ?Sized>(
+    spec: &LeukNetSpec,
+    weights: &W,
+    path: &std::path::Path,
+) -> Result<String, OnnxWriteError> {
+    use sha2::Digest;
+    let file = std::fs::File::create(path)?;
+    let mut out = HashingWriter {
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        hasher: sha2::Sha256::new(),
+    };
+    write_leuknet_to(spec, weights, &mut out)?;
+    let file = out.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(hex::encode(out.hasher.finalize()))
+}
+
+/// Passes bytes through while hashing them.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn check_len(name: &str, shape: &[usize], got: Option<usize>) -> Result<(), OnnxWriteError> {
     let expected = shape.iter().product::<usize>();
     match got {

@@ -33,7 +33,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::preprocess::{preprocess, Limits};
 
@@ -256,10 +255,8 @@ pub enum DataError {
 // Hashing and parallel helpers
 // ---------------------------------------------------------------------------------------------
 
-/// Lower-case hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+/// Lower-case hex sha256 of `bytes` (the model card's function, re-exported for data code).
+pub use crate::model_card::sha256_hex;
 
 /// Maps `f` over `items` on up to `threads` scoped threads, keeping order. `None` marks an item
 /// whose worker panicked (`f` itself should not panic; this keeps a bug from aborting a load).

@@ -11,11 +11,9 @@
 
 use crate::engine::{self, EngineError, EngineOptions, DEFAULT_ORT_LIBRARY};
 use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
-use crate::onnx::{write_leuknet_to, OnnxWriteError, PROBABILITY_OUTPUT};
+use crate::onnx::{write_leuknet_file, OnnxWriteError, PROBABILITY_OUTPUT};
 use crate::train::model::LeukNet;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -309,18 +307,10 @@ fn write_onnx(
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut out = HashingWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
-    };
-    write_leuknet_to(&model.spec, weights, &mut out).map_err(|e| match e {
+    write_leuknet_file(&model.spec, weights, path).map_err(|e| match e {
         OnnxWriteError::Io(source) => io(source),
         other => ExportError::Onnx(other),
-    })?;
-    let file = out.inner.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(hex::encode(out.hasher.finalize()))
+    })
 }
 
 fn build_card(
@@ -426,22 +416,4 @@ pub fn check_parity(
         onnx,
         tch: torch,
     })
-}
-
-/// Passes bytes through while hashing them, so the card's sha256 needs no second read.
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: Sha256,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
