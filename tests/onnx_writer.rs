@@ -8,6 +8,7 @@ use leuknet::onnx::writer::{
     write_leuknet, InputNormalization, LeukNetSpec, OnnxWriteError, VggLayer, INPUT_NAME,
     LOGIT_OUTPUT, PROBABILITY_OUTPUT,
 };
+use leuknet::onnx::WeightStorage;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,6 +34,7 @@ fn tiny_spec(normalization: Option<InputNormalization>) -> LeukNetSpec {
         input_size: 16,
         normalization,
         fault_on_white_input: false,
+        weight_storage: WeightStorage::Fp32,
     }
 }
 
@@ -419,4 +421,72 @@ fn spec_that_pools_to_nothing_is_rejected() {
         write_leuknet(&spec, &weights),
         Err(OnnxWriteError::InvalidSpec(_))
     ));
+}
+
+/// fp16 and int8 storage: ONNX Runtime must compute exactly what the reference computes with the
+/// stored (rounded) weights, and int8 must differ measurably from the unrounded weights, or the
+/// dequantisation would not be exercised.
+#[test]
+fn converted_weight_storage_matches_reference_on_rounded_weights() {
+    for (storage, seed) in [(WeightStorage::Fp16, 21), (WeightStorage::Int8, 22)] {
+        let spec = tiny_spec(Some(InputNormalization::caffe_vgg16())).with_weight_storage(storage);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let weights = random_weights(&spec, &mut rng);
+        let shapes: HashMap<String, Vec<usize>> = spec.parameter_shapes().into_iter().collect();
+        let rounded: HashMap<String, Vec<f32>> = weights
+            .iter()
+            .map(|(name, values)| {
+                (
+                    name.clone(),
+                    storage.round_trip(name, &shapes[name], values),
+                )
+            })
+            .collect();
+        let image_len = 3 * spec.input_size * spec.input_size;
+        let images: Vec<f32> = (0..BATCH * image_len)
+            .map(|_| rng.random::<f32>())
+            .collect();
+
+        let model = write_leuknet(&spec, &weights).expect("writes");
+        let (logits, _) = run_onnx(&spec, &model, &images);
+        let want: Vec<f64> = images
+            .chunks(image_len)
+            .map(|image| reference(&spec, &rounded, image).0)
+            .collect();
+        let d = max_abs_diff(&logits, &want);
+        assert!(
+            d <= TOLERANCE,
+            "{storage}: ONNX {logits:?} vs rounded reference {want:?} ({d:e})"
+        );
+        if storage == WeightStorage::Int8 {
+            let exact: Vec<f64> = images
+                .chunks(image_len)
+                .map(|image| reference(&spec, &weights, image).0)
+                .collect();
+            assert!(
+                max_abs_diff(&logits, &exact) > 10.0 * TOLERANCE,
+                "int8 logits equal the f32 ones: the weights were not quantised"
+            );
+        }
+    }
+}
+
+#[test]
+fn converted_weight_storage_shrinks_the_file() {
+    let spec = LeukNetSpec::vgg16().with_width_div(8);
+    let weights: HashMap<String, Vec<f32>> = spec
+        .parameter_shapes()
+        .into_iter()
+        .map(|(n, s)| (n, vec![0.25; s.iter().product()]))
+        .collect();
+    let size = |storage| {
+        write_leuknet(&spec.clone().with_weight_storage(storage), &weights)
+            .expect("writes")
+            .len() as f64
+    };
+    let fp32 = size(WeightStorage::Fp32);
+    let fp16 = size(WeightStorage::Fp16) / fp32;
+    let int8 = size(WeightStorage::Int8) / fp32;
+    assert!(fp16 < 0.55, "fp16 file is {fp16:.3} of fp32");
+    assert!(int8 < 0.30, "int8 file is {int8:.3} of fp32");
 }

@@ -303,6 +303,7 @@ fn run(protocol: &str, split: &str, seed: u64, labels: &[u8], probs: &[f32]) -> 
         })
         .collect();
     RunRecord {
+        storage_check: None,
         protocol: protocol.into(),
         split: split.into(),
         seed,

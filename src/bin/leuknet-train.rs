@@ -211,6 +211,11 @@ struct RunArgs {
     /// Exported model version.
     #[arg(long, env = "LEUKNET_TRAIN_VERSION", default_value = "0.1.0")]
     version: String,
+    /// How the export stores its weights: fp32, fp16 (Cast) or int8 (per-channel
+    /// DequantizeLinear). Other than fp32, every LODOCV/k-fold test set is also evaluated with
+    /// the weights so rounded, and the change is recorded in the report and the card.
+    #[arg(long, env = "LEUKNET_TRAIN_WEIGHT_STORAGE", default_value = "fp32")]
+    weight_storage: WeightStorage,
 }
 
 fn main() -> Result<()> {
@@ -376,8 +381,15 @@ fn run(a: RunArgs) -> Result<()> {
                 splits.clone()
             };
             for split in &splits {
-                let (record, decision) =
-                    run_split(&ctx, split, name, &opts, rule, Some(&ckpt_root))?;
+                let (record, decision) = run_split(
+                    &ctx,
+                    split,
+                    name,
+                    &opts,
+                    rule,
+                    Some(&ckpt_root),
+                    a.weight_storage,
+                )?;
                 eprintln!(
                     "{name} {} seed {seed}: acc {:.4} bal.acc {:.4} auc {:?} (threshold {:.3})",
                     record.split,
@@ -400,7 +412,9 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn write_outputs(report: &Report, out: &Path) -> Result<()> {
     report::write_json(report, &out.join("report.json"))?;
-    std::fs::write(out.join("table.md"), report::markdown_table_iv(report))?;
+    let mut table = report::markdown_table_iv(report);
+    table.push_str(&report::markdown_storage_checks(&report.runs));
+    std::fs::write(out.join("table.md"), table)?;
     if !report.runs.is_empty() {
         report::plot_training_curves(&report.runs, &out.join("curves.png"))?;
         report::plot_roc(&report.runs, &out.join("roc.png"))?;
@@ -460,6 +474,15 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
             lodo.insert(split.to_string(), serde_json::to_value(s)?);
         }
     }
+    let storage_checks: Vec<_> = report
+        .runs
+        .iter()
+        .filter_map(|r| {
+            r.storage_check.as_ref().map(|c| {
+                serde_json::json!({"protocol": r.protocol, "test_set": r.split, "seed": r.seed, "check": c})
+            })
+        })
+        .collect();
     let kfold: Vec<_> = report
         .runs
         .iter()
@@ -495,12 +518,17 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         metrics: serde_json::json!({
             "lodo": lodo,
             "kfold": if kfold.is_empty() { serde_json::Value::Null } else { serde_json::to_value(summarize(&kfold))? },
+            "weight_storage": {
+                "storage": a.weight_storage,
+                "note": "every metric above is of the f32 model on cached activations; each check below evaluates the test set again with whole-network forward passes, f32 weights vs the stored weights, same threshold",
+                "checks": storage_checks,
+            },
         }),
         color_normalization: serde_json::to_value(&opts.color_norm)?,
         pretrained_weights: matches!(a.init, InitChoice::Imagenet).then(|| leuknet::train::vgg_import::PROVENANCE.to_string()),
         ..ExportCard::default()
     };
-    let out = export(&model, dir, &a.name, card, &parity, WeightStorage::Fp32)?;
+    let out = export(&model, dir, &a.name, card, &parity, a.weight_storage)?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

@@ -6,8 +6,10 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+pub mod storage;
 pub mod writer;
 
+pub use storage::{quantize_int8, WeightStorage};
 pub use writer::{
     write_leuknet, write_leuknet_file, write_leuknet_to, InputNormalization, LeukNetSpec,
     OnnxWriteError, VggLayer, WeightSource, INPUT_NAME, LOGIT_OUTPUT, PROBABILITY_OUTPUT,

@@ -9,14 +9,16 @@
 //! the output. A full-size model (~163 MB) therefore never exists twice in memory, and a lazy
 //! [`WeightSource`] can produce one tensor at a time.
 //!
-//! Graph building is split into small functions (one per layer kind) so that a later export
-//! with other weight storage (fp16, int8 + `DequantizeLinear`) can reuse them.
+//! Weights may be stored as f32, f16 or per-channel int8 ([`WeightStorage`], in
+//! [`super::storage`]); conversion nodes at the head of the graph rebuild the f32 weights, so the
+//! layer nodes are the same for every storage.
 
 use super::proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
+use super::storage::{StoredParameter, WeightStorage};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 use std::borrow::Cow;
@@ -124,6 +126,8 @@ pub struct LeukNetSpec {
     /// (a pure white image), so tests can prove that one failing batch disturbs nothing else.
     /// Never set in a real export.
     pub fault_on_white_input: bool,
+    /// How the weight tensors are stored in the file (the graph computes in f32 regardless).
+    pub weight_storage: WeightStorage,
 }
 
 fn vgg_cfg(blocks: &[(usize, usize)]) -> Vec<VggLayer> {
@@ -144,6 +148,7 @@ impl LeukNetSpec {
             input_size: 224,
             normalization: None,
             fault_on_white_input: false,
+            weight_storage: WeightStorage::Fp32,
         }
     }
 
@@ -168,6 +173,20 @@ impl LeukNetSpec {
             *h = (*h / n).max(1);
         }
         self
+    }
+
+    /// Sets how the weights are stored in the file.
+    pub fn with_weight_storage(mut self, storage: WeightStorage) -> Self {
+        self.weight_storage = storage;
+        self
+    }
+
+    /// The initializers written for each parameter under this spec's weight storage.
+    pub(crate) fn stored_parameters(&self) -> Vec<StoredParameter> {
+        self.parameter_shapes()
+            .iter()
+            .map(|(name, shape)| StoredParameter::new(name, shape, self.weight_storage))
+            .collect()
     }
 
     /// Adds (or removes) the test-only fault of [`LeukNetSpec::fault_on_white_input`].
@@ -210,6 +229,7 @@ impl LeukNetSpec {
             "in_graph_normalization".into(),
             serde_json::json!(normalization),
         );
+        m.insert("weight_storage".into(), self.weight_storage.as_str().into());
         m
     }
 
@@ -409,18 +429,21 @@ pub fn write_leuknet_to<W: WeightSource + ?Sized, O: Write>(
         check_len(name, shape, weights.weight_len(name))?;
     }
 
-    let graph = build_graph(spec);
-    let headers: Vec<(TensorProto, usize)> = parameters
+    let stored = spec.stored_parameters();
+    let graph = build_graph(spec, &stored);
+    let headers: Vec<Vec<(TensorProto, usize)>> = stored
         .iter()
-        .map(|(name, shape)| {
-            let header = tensor_header(name, shape, DataType::Float);
-            let raw_len = shape.iter().product::<usize>() * std::mem::size_of::<f32>();
-            (header, raw_len)
+        .map(|p| {
+            p.tensors
+                .iter()
+                .map(|t| (tensor_header(&t.name, &t.dims, t.data_type), t.raw_len))
+                .collect()
         })
         .collect();
     let graph_len = graph.encoded_len()
         + headers
             .iter()
+            .flatten()
             .map(|(h, raw)| field_len(GRAPH_INITIALIZER_FIELD, streamed_tensor_len(h, *raw)))
             .sum::<usize>();
 
@@ -431,25 +454,40 @@ pub fn write_leuknet_to<W: WeightSource + ?Sized, O: Write>(
     out.write_all(&prefix)?;
     let mut written = prefix.len() as u64;
 
-    for ((name, shape), (header, raw_len)) in parameters.iter().zip(&headers) {
-        let values = weights.weight(name);
-        check_len(name, shape, values.as_ref().map(|v| v.len()))?;
+    for (param, headers) in stored.iter().zip(&headers) {
+        let values = weights.weight(&param.name);
+        check_len(&param.name, &param.shape, values.as_ref().map(|v| v.len()))?;
         let values = values.unwrap_or_default();
-        let mut head = Vec::with_capacity(header.encoded_len() + 24);
-        encode_key(
-            GRAPH_INITIALIZER_FIELD,
-            WireType::LengthDelimited,
-            &mut head,
-        );
-        encode_varint(streamed_tensor_len(header, *raw_len) as u64, &mut head);
-        header.encode(&mut head).map_err(std::io::Error::other)?;
-        encode_key(TENSOR_RAW_DATA_FIELD, WireType::LengthDelimited, &mut head);
-        encode_varint(*raw_len as u64, &mut head);
-        out.write_all(&head)?;
-        write_f32_le(&values, out)?;
-        written += (head.len() + raw_len) as u64;
+        let mut quantized = None;
+        for (k, (header, raw_len)) in headers.iter().enumerate() {
+            written += write_initializer(header, *raw_len, out, |out| {
+                param.write_raw(k, &values, &mut quantized, out)
+            })?;
+        }
     }
     Ok(written)
+}
+
+/// Appends one initializer field: key, length, the tensor header, then `raw_data` from `raw`.
+fn write_initializer<O: Write>(
+    header: &TensorProto,
+    raw_len: usize,
+    out: &mut O,
+    raw: impl FnOnce(&mut O) -> std::io::Result<()>,
+) -> Result<u64, OnnxWriteError> {
+    let mut head = Vec::with_capacity(header.encoded_len() + 24);
+    encode_key(
+        GRAPH_INITIALIZER_FIELD,
+        WireType::LengthDelimited,
+        &mut head,
+    );
+    encode_varint(streamed_tensor_len(header, raw_len) as u64, &mut head);
+    header.encode(&mut head).map_err(std::io::Error::other)?;
+    encode_key(TENSOR_RAW_DATA_FIELD, WireType::LengthDelimited, &mut head);
+    encode_varint(raw_len as u64, &mut head);
+    out.write_all(&head)?;
+    raw(out)?;
+    Ok((head.len() + raw_len) as u64)
 }
 
 /// Writes the graph to the file at `path` (buffered, synced) and returns the file's sha256 in
@@ -517,20 +555,6 @@ fn streamed_tensor_len(header: &TensorProto, raw_len: usize) -> usize {
     header.encoded_len() + field_len(TENSOR_RAW_DATA_FIELD, raw_len)
 }
 
-/// Writes f32 values little-endian in bounded chunks (no second full-size copy).
-fn write_f32_le<O: Write>(values: &[f32], out: &mut O) -> std::io::Result<()> {
-    const CHUNK: usize = 16 * 1024;
-    let mut buf = Vec::with_capacity(CHUNK * 4);
-    for chunk in values.chunks(CHUNK) {
-        buf.clear();
-        for v in chunk {
-            buf.extend_from_slice(&v.to_le_bytes());
-        }
-        out.write_all(&buf)?;
-    }
-    Ok(())
-}
-
 fn model_without_graph() -> ModelProto {
     ModelProto {
         ir_version: Some(IR_VERSION),
@@ -546,8 +570,11 @@ fn model_without_graph() -> ModelProto {
 }
 
 /// The whole graph except the weight initializers (those are streamed after it).
-fn build_graph(spec: &LeukNetSpec) -> GraphProto {
+fn build_graph(spec: &LeukNetSpec, stored: &[StoredParameter]) -> GraphProto {
     let mut g = GraphBuilder::default();
+    for param in stored {
+        g.restore_f32(param);
+    }
     let side = spec.input_size as i64;
     let mut x = INPUT_NAME.to_string();
     if let Some(n) = &spec.normalization {
@@ -699,6 +726,33 @@ impl GraphBuilder {
             &format!("features.{relu}.out"),
             vec![],
         )
+    }
+
+    /// For a parameter stored converted, the node that rebuilds its f32 value under its own
+    /// name: `Cast` from f16, or `DequantizeLinear` (per output channel, axis 0) from int8.
+    fn restore_f32(&mut self, param: &StoredParameter) {
+        let names: Vec<&str> = param.tensors.iter().map(|t| t.name.as_str()).collect();
+        match param.storage {
+            WeightStorage::Fp32 => {}
+            WeightStorage::Fp16 => {
+                self.node(
+                    "Cast",
+                    &format!("{}.cast", param.name),
+                    &names,
+                    &param.name,
+                    vec![attr_int("to", DataType::Float as i64)],
+                );
+            }
+            WeightStorage::Int8 => {
+                self.node(
+                    "DequantizeLinear",
+                    &format!("{}.dequantize", param.name),
+                    &names,
+                    &param.name,
+                    vec![attr_int("axis", 0)],
+                );
+            }
+        }
     }
 
     /// `features.{i}` MaxPool 2x2 stride 2.
@@ -931,6 +985,7 @@ mod tests {
             input_size: 4,
             normalization: Some(InputNormalization::caffe_vgg16()),
             fault_on_white_input: false,
+            weight_storage: WeightStorage::Fp32,
         };
         let weights: HashMap<String, Vec<f32>> = spec
             .parameter_shapes()

@@ -4,6 +4,9 @@
 //! the server loads them ([`crate::engine::load_from_card`], ONNX Runtime on the CPU) and their
 //! probabilities on real preprocessed images are compared with the tch forward pass in eval
 //! mode. The export fails, leaving nothing behind, when any |Δp| exceeds [`PARITY_TOLERANCE`].
+//! With fp16 or int8 [`WeightStorage`], the tch reference is the model with its weights rounded
+//! the same way ([`LeukNet::rounded_copy`]), so the check still proves the graph exact; what the
+//! rounding costs in accuracy is measured separately ([`crate::train::protocol::check_storage`]).
 //!
 //! Files are first written into a staging folder inside `out_dir` and only moved to their final
 //! names after the parity check passes, so a failed export neither leaves partial files nor
@@ -11,7 +14,8 @@
 
 use crate::engine::{self, EngineError, EngineOptions, DEFAULT_ORT_LIBRARY};
 use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
-use crate::onnx::{write_leuknet_file, OnnxWriteError, PROBABILITY_OUTPUT};
+pub use crate::onnx::WeightStorage;
+use crate::onnx::{write_leuknet_file, LeukNetSpec, OnnxWriteError, PROBABILITY_OUTPUT};
 use crate::train::model::LeukNet;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,30 +26,6 @@ pub const PARITY_TOLERANCE: f32 = 1e-4;
 
 /// Images per batch in the parity check (both runtimes).
 const PARITY_BATCH: usize = 8;
-
-/// How the weights are stored in the ONNX file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WeightStorage {
-    /// f32 initializers (the only storage the writer supports today).
-    #[default]
-    Fp32,
-    /// f16 initializers + Cast (not supported by the writer yet).
-    Fp16,
-    /// int8 initializers + DequantizeLinear (not supported by the writer yet).
-    Int8,
-}
-
-impl WeightStorage {
-    /// `fp32`, `fp16` or `int8`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WeightStorage::Fp32 => "fp32",
-            WeightStorage::Fp16 => "fp16",
-            WeightStorage::Int8 => "int8",
-        }
-    }
-}
 
 /// The card fields the trainer decides; everything else (input spec, outputs, architecture,
 /// sha256) is derived from the model and the written file.
@@ -129,11 +109,6 @@ pub struct Parity {
 /// Why an export failed. Nothing is left in `out_dir` after any of these.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error(
-        "weight storage {0} is not supported yet: the ONNX writer only emits f32 initializers \
-         (it needs f16 initializers + Cast, or int8 + DequantizeLinear, first)"
-    )]
-    Unsupported(&'static str),
     #[error("invalid export request: {0}")]
     Invalid(String),
     #[error("cannot write {path}: {source}")]
@@ -163,8 +138,7 @@ pub enum ExportError {
 
 /// Exports `model` to `<out_dir>/<name>.onnx` + `<name>.json` and proves them equal to the tch
 /// model on `parity_images` (preprocessed CHW tensors of real images, `3 * S * S` values in
-/// `[0, 1]` each, from [`crate::preprocess::preprocess`]). Only [`WeightStorage::Fp32`] is
-/// supported.
+/// `[0, 1]` each, from [`crate::preprocess::preprocess`]), with weights stored as `storage`.
 pub fn export(
     model: &LeukNet,
     out_dir: &Path,
@@ -197,9 +171,6 @@ pub fn export_with_weight_hook(
     storage: WeightStorage,
     hook: impl FnOnce(&mut BTreeMap<String, Vec<f32>>),
 ) -> Result<ExportReport, ExportError> {
-    if storage != WeightStorage::Fp32 {
-        return Err(ExportError::Unsupported(storage.as_str()));
-    }
     validate_request(model, name, &card_fields, parity_images)?;
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -217,15 +188,27 @@ pub fn export_with_weight_hook(
         let card_file = format!("{name}.json");
         let mut weights = model.named_weights();
         hook(&mut weights);
-        let sha256 = write_onnx(model, &weights, &staging.join(&onnx_file))?;
+        let spec = model.spec.clone().with_weight_storage(storage);
+        let sha256 = write_onnx(&spec, &weights, &staging.join(&onnx_file))?;
         drop(weights);
-        let card = build_card(model, &card_fields, &onnx_file, sha256.clone(), storage);
+        let card = build_card(model, &spec, &card_fields, &onnx_file, sha256.clone());
         let mut json = serde_json::to_string_pretty(&card)?;
         json.push('\n');
         let staged_card = staging.join(&card_file);
         std::fs::write(&staged_card, json).map_err(io(&staged_card))?;
 
-        let parity = check_parity(model, &staged_card, parity_images)?;
+        let reference = match storage {
+            WeightStorage::Fp32 => None,
+            other => Some(model.rounded_copy(other).map_err(|e| match e {
+                crate::train::model::ModelError::Torch(t) => ExportError::Torch(t),
+                other => ExportError::Invalid(other.to_string()),
+            })?),
+        };
+        let parity = check_parity(
+            reference.as_ref().unwrap_or(model),
+            &staged_card,
+            parity_images,
+        )?;
         if parity.max_abs_diff > PARITY_TOLERANCE {
             return Err(ExportError::Parity {
                 max_abs_diff: parity.max_abs_diff,
@@ -299,7 +282,7 @@ fn validate_request(
 
 /// Streams the graph to `path` while hashing it; returns the sha256.
 fn write_onnx(
-    model: &LeukNet,
+    spec: &LeukNetSpec,
     weights: &BTreeMap<String, Vec<f32>>,
     path: &Path,
 ) -> Result<String, ExportError> {
@@ -307,7 +290,7 @@ fn write_onnx(
         path: path.to_path_buf(),
         source,
     };
-    write_leuknet_file(&model.spec, weights, path).map_err(|e| match e {
+    write_leuknet_file(spec, weights, path).map_err(|e| match e {
         OnnxWriteError::Io(source) => io(source),
         other => ExportError::Onnx(other),
     })
@@ -315,12 +298,11 @@ fn write_onnx(
 
 fn build_card(
     model: &LeukNet,
+    spec: &LeukNetSpec,
     fields: &ExportCard,
     onnx_file: &str,
     sha256: String,
-    storage: WeightStorage,
 ) -> ModelCard {
-    let spec = &model.spec;
     let mut architecture = spec.architecture_json();
     architecture.insert("dropout".into(), serde_json::json!(model.dropout));
     architecture.insert(
@@ -331,7 +313,6 @@ fn build_card(
         "pretrained_weights".into(),
         serde_json::json!(fields.pretrained_weights),
     );
-    architecture.insert("weight_storage".into(), storage.as_str().into());
     ModelCard {
         name: onnx_file.trim_end_matches(".onnx").to_string(),
         version: fields.version.clone(),

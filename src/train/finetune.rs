@@ -312,7 +312,12 @@ pub fn predict_logits(
         .copied()
         .filter(|&i| ctx.images.images[i].is_some())
         .collect();
-    let stage = opts.cache_stage();
+    // Without a cache the inputs are whole images, whatever stage the options would cache at.
+    let stage = if ctx.cache.is_some() {
+        opts.cache_stage()
+    } else {
+        Stage::Input
+    };
     let mut logits = Vec::with_capacity(kept.len());
     for chunk in kept.chunks(32) {
         let keys: Vec<(usize, usize)> = chunk.iter().map(|&i| (i, 0)).collect();

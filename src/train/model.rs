@@ -403,6 +403,31 @@ impl LeukNet {
         Ok(self)
     }
 
+    /// A copy whose weights are what an ONNX file with `storage` computes with (each weight
+    /// rounded by [`crate::onnx::WeightStorage::round_trip`]): the reference for checking a
+    /// converted export and for measuring what the storage costs in accuracy.
+    pub fn rounded_copy(&self, storage: crate::onnx::WeightStorage) -> Result<Self, ModelError> {
+        let copy =
+            Self::new(self.spec.clone(), self.device())?.with_dropout(self.dropout.clone())?;
+        let shapes: HashMap<String, Vec<usize>> =
+            self.spec.parameter_shapes().into_iter().collect();
+        let dst = copy.vs.variables();
+        tch::no_grad(|| {
+            for (name, values) in self.named_weights() {
+                let (Some(shape), Some(var)) = (shapes.get(&name), dst.get(&name)) else {
+                    continue;
+                };
+                let rounded = storage.round_trip(&name, shape, &values);
+                let src = Tensor::from_slice(&rounded)
+                    .view(dims(shape).as_slice())
+                    .to_device(self.device());
+                var.shallow_clone().f_copy_(&src)?;
+            }
+            Ok::<(), tch::TchError>(())
+        })?;
+        Ok(copy)
+    }
+
     /// The device the variables live on.
     pub fn device(&self) -> Device {
         self.vs.device()

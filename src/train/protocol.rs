@@ -5,10 +5,12 @@
 use super::data::{inner_source_folds, Sample, Split};
 use super::eval_metrics::{
     apply_platt, best_threshold_balanced_accuracy, binary_metrics, fit_platt, roc_curve,
+    BinaryMetrics,
 };
 use super::finetune::{predict_logits, train, Context, TrainError, TrainOptions};
 use super::model::LeukNet;
-use super::report::RunRecord;
+use super::report::{RunRecord, StorageCheck};
+use crate::onnx::WeightStorage;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -92,7 +94,55 @@ pub fn choose_decision(
     }
 }
 
-/// Trains on a split, chooses the decision on its training side, evaluates on its test side.
+/// What storing `model`'s weights as `storage` changes on the test samples `test_idx`: both the
+/// f32 model and its [`LeukNet::rounded_copy`] run the whole network on the plain images (no
+/// activation cache, so both see exactly what an exported graph sees), with the same decision.
+pub fn check_storage(
+    ctx: &Context,
+    model: &LeukNet,
+    opts: &TrainOptions,
+    decision: &Decision,
+    test_idx: &[usize],
+    storage: WeightStorage,
+) -> Result<StorageCheck, TrainError> {
+    let whole = Context {
+        samples: ctx.samples,
+        images: ctx.images,
+        cache: None,
+        init: ctx.init,
+        device: ctx.device,
+    };
+    let rounded = model.rounded_copy(storage)?;
+    let evaluate = |m: &LeukNet| -> (Vec<f32>, BinaryMetrics) {
+        let (kept, logits) = predict_logits(&whole, m, opts, test_idx);
+        let p = decision.probabilities(&logits);
+        let metrics = binary_metrics(&labels(ctx.samples, &kept), &p, decision.threshold);
+        (p, metrics)
+    };
+    let (p32, fp32) = evaluate(model);
+    let (ps, stored) = evaluate(&rounded);
+    let max_abs_diff_probability = p32
+        .iter()
+        .zip(&ps)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    let changed_decisions = p32
+        .iter()
+        .zip(&ps)
+        .filter(|(a, b)| (**a >= decision.threshold) != (**b >= decision.threshold))
+        .count();
+    Ok(StorageCheck {
+        storage,
+        fp32,
+        stored,
+        max_abs_diff_probability,
+        changed_decisions,
+    })
+}
+
+/// Trains on a split, chooses the decision on its training side, evaluates on its test side;
+/// with `storage` (other than fp32), also measures what that weight storage changes there
+/// ([`check_storage`]).
 pub fn run_split(
     ctx: &Context,
     split: &Split,
@@ -100,6 +150,7 @@ pub fn run_split(
     opts: &TrainOptions,
     rule: ThresholdRule,
     checkpoint_root: Option<&Path>,
+    storage: WeightStorage,
 ) -> Result<(RunRecord, Decision), TrainError> {
     let label = format!("{}-s{}", split.name, opts.seed);
     let ckpt = checkpoint_root.map(|r| r.join(&label));
@@ -122,6 +173,20 @@ pub fn run_split(
         threshold = decision.threshold,
         "split evaluated"
     );
+    let storage_check = if storage == WeightStorage::Fp32 {
+        None
+    } else {
+        let check = check_storage(ctx, &model, opts, &decision, &split.test, storage)?;
+        tracing::info!(
+            split = %split.name,
+            %storage,
+            fp32_balanced_accuracy = check.fp32.balanced_accuracy,
+            stored_balanced_accuracy = check.stored.balanced_accuracy,
+            max_abs_diff_probability = check.max_abs_diff_probability,
+            "weight storage checked"
+        );
+        Some(check)
+    };
     let record = RunRecord {
         protocol: protocol.to_string(),
         split: split
@@ -132,6 +197,7 @@ pub fn run_split(
         metrics,
         curve,
         roc,
+        storage_check,
     };
     Ok((record, decision))
 }

@@ -52,6 +52,22 @@ pub struct RunRecord {
     /// ROC points `(fpr, tpr)`, e.g. from [`super::eval_metrics::roc_curve`].
     #[serde(default)]
     pub roc: Vec<(f64, f64)>,
+    /// What storing the weights as fp16/int8 changes on this test set, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_check: Option<StorageCheck>,
+}
+
+/// The same model evaluated with f32 weights and with its weights as stored in a converted ONNX
+/// file (both by whole-network forward passes on the plain test images, same decision).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StorageCheck {
+    pub storage: crate::onnx::WeightStorage,
+    pub fp32: BinaryMetrics,
+    pub stored: BinaryMetrics,
+    /// Largest |p_fp32 - p_stored| over the test images.
+    pub max_abs_diff_probability: f32,
+    /// Test images whose label differs between the two.
+    pub changed_decisions: usize,
 }
 
 /// Every run of one model/configuration, plus free-form configuration and data description.
@@ -252,6 +268,50 @@ pub fn markdown_table_iv_rows(rows: &[(&str, &Report)]) -> String {
             );
         }
         out.push_str("\nMean ± sample std over every (seed, fold) run.\n");
+    }
+    out
+}
+
+/// A Markdown table of every run whose weight storage was checked ([`StorageCheck`]): the
+/// same model's test metrics with f32 weights and with the stored (fp16/int8) weights. Empty
+/// when no run was checked.
+pub fn markdown_storage_checks(runs: &[RunRecord]) -> String {
+    let checked: Vec<(&RunRecord, &StorageCheck)> = runs
+        .iter()
+        .filter_map(|r| r.storage_check.as_ref().map(|c| (r, c)))
+        .collect();
+    if checked.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n### Weight storage: f32 weights vs the stored weights (whole-network forward, same threshold)\n\n\
+         | protocol | test set | seed | storage | acc. % f32 → stored | bal. acc. % f32 → stored | AUC f32 → stored | max abs Δp | changed labels |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let auc = |m: &BinaryMetrics| m.auc.map_or("n/a".to_string(), |a| format!("{a:.4}"));
+    for (r, c) in checked {
+        push_row(
+            &mut out,
+            &[
+                esc(&r.protocol),
+                esc(&r.split),
+                r.seed.to_string(),
+                c.storage.to_string(),
+                format!(
+                    "{:.2} → {:.2}",
+                    c.fp32.accuracy * 100.0,
+                    c.stored.accuracy * 100.0
+                ),
+                format!(
+                    "{:.2} → {:.2}",
+                    c.fp32.balanced_accuracy * 100.0,
+                    c.stored.balanced_accuracy * 100.0
+                ),
+                format!("{} → {}", auc(&c.fp32), auc(&c.stored)),
+                format!("{:.2e}", c.max_abs_diff_probability),
+                format!("{} of {}", c.changed_decisions, c.fp32.n),
+            ],
+        );
     }
     out
 }
