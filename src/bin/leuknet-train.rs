@@ -8,7 +8,7 @@ use leuknet::color_norm::ColorNormalization;
 use leuknet::train::augment::Augmenter;
 use leuknet::train::data::{self, Split};
 use leuknet::train::eval_metrics::summarize;
-use leuknet::train::export::{export, ExportCard, WeightStorage};
+use leuknet::train::export::{export, ExportCard, ReferenceImage, WeightStorage};
 use leuknet::train::finetune::{fold_platt, fresh_model, train, Context, TrainOptions};
 use leuknet::train::model::{device_from, FineTuneMode, Init, Stage};
 use leuknet::train::pipeline::{build_cache, prepare_images};
@@ -433,6 +433,9 @@ fn write_outputs(report: &Report, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Parity images per dataset and class in an export (also the card's reference predictions).
+const REFERENCE_PER_CLASS: usize = 4;
+
 /// Trains on every sample, folds the Platt calibration into the last layer, and exports.
 fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule) -> Result<()> {
     let all: Vec<usize> = (0..ctx.samples.len()).collect();
@@ -450,24 +453,36 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         eprintln!("final model trained (no --export-dir: not exported)");
         return Ok(());
     };
-    // Parity on real images: the first image of each dataset.
-    let mut seen = std::collections::HashSet::new();
-    let parity: Vec<Vec<f32>> = ctx
-        .samples
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| seen.insert(s.dataset.clone()))
-        .filter_map(|(i, _)| {
-            leuknet::train::pipeline::view(
-                ctx.images,
-                i,
-                0,
-                &Augmenter::none(),
-                &opts.color_norm,
-                0,
-            )
-        })
-        .collect();
+    // Parity on real images, recorded in the card as reference predictions: the first
+    // REFERENCE_PER_CLASS decodable images of each dataset and class, in manifest order.
+    let seen: std::collections::BTreeSet<String> =
+        ctx.samples.iter().map(|s| s.dataset.clone()).collect();
+    let mut taken = std::collections::HashMap::new();
+    let mut parity = Vec::new();
+    let mut reference_images = Vec::new();
+    for (i, s) in ctx.samples.iter().enumerate() {
+        let n = taken.entry((s.dataset.clone(), s.label)).or_insert(0usize);
+        if *n >= REFERENCE_PER_CLASS {
+            continue;
+        }
+        let Some(chw) = leuknet::train::pipeline::view(
+            ctx.images,
+            i,
+            0,
+            &Augmenter::none(),
+            &opts.color_norm,
+            0,
+        ) else {
+            continue;
+        };
+        *n += 1;
+        parity.push(chw);
+        reference_images.push(ReferenceImage {
+            sha256: s.sha256.clone(),
+            dataset: s.dataset.clone(),
+            true_label: if s.label == 1 { "leukemic" } else { "healthy" }.into(),
+        });
+    }
     let mut lodo = serde_json::Map::new();
     for (key, s) in report::summaries_by_split(&report.runs) {
         if let Some(split) = key.strip_prefix(&format!("{PROTOCOL_LODO}/")) {
@@ -526,6 +541,7 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         }),
         color_normalization: serde_json::to_value(&opts.color_norm)?,
         pretrained_weights: matches!(a.init, InitChoice::Imagenet).then(|| leuknet::train::vgg_import::PROVENANCE.to_string()),
+        reference_images,
         ..ExportCard::default()
     };
     let out = export(&model, dir, &a.name, card, &parity, a.weight_storage)?;

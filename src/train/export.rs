@@ -53,6 +53,21 @@ pub struct ExportCard {
     /// Provenance and licence of pretrained weights, if any (e.g.
     /// [`crate::train::vgg_import::PROVENANCE`]); recorded as `architecture.pretrained_weights`.
     pub pretrained_weights: Option<String>,
+    /// Who the parity images are, in the same order (or empty). When given, the card records
+    /// each one's exported probability as `metrics.reference_predictions`, so anyone holding the
+    /// data can check that a server with this card reproduces them.
+    pub reference_images: Vec<ReferenceImage>,
+}
+
+/// One parity image, identified so that it can be found again in a manifest.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReferenceImage {
+    /// sha256 of the image file.
+    pub sha256: String,
+    /// Its dataset (source).
+    pub dataset: String,
+    /// Its true label: `leukemic` or `healthy`.
+    pub true_label: String,
 }
 
 impl Default for ExportCard {
@@ -74,6 +89,7 @@ impl Default for ExportCard {
                 .into(),
             color_normalization: serde_json::Value::Null,
             pretrained_weights: None,
+            reference_images: Vec::new(),
         }
     }
 }
@@ -191,11 +207,9 @@ pub fn export_with_weight_hook(
         let spec = model.spec.clone().with_weight_storage(storage);
         let sha256 = write_onnx(&spec, &weights, &staging.join(&onnx_file))?;
         drop(weights);
-        let card = build_card(model, &spec, &card_fields, &onnx_file, sha256.clone());
-        let mut json = serde_json::to_string_pretty(&card)?;
-        json.push('\n');
+        let mut card = build_card(model, &spec, &card_fields, &onnx_file, sha256.clone());
         let staged_card = staging.join(&card_file);
-        std::fs::write(&staged_card, json).map_err(io(&staged_card))?;
+        write_card(&card, &staged_card).map_err(io(&staged_card))?;
 
         let reference = match storage {
             WeightStorage::Fp32 => None,
@@ -215,6 +229,19 @@ pub fn export_with_weight_hook(
                 worst_image: parity.worst_image,
                 tolerance: PARITY_TOLERANCE,
             });
+        }
+        if !card_fields.reference_images.is_empty() {
+            let predictions: Vec<serde_json::Value> = card_fields
+                .reference_images
+                .iter()
+                .zip(&parity.onnx)
+                .map(|(r, p)| serde_json::json!({"sha256": r.sha256, "dataset": r.dataset, "true_label": r.true_label, "probability": p}))
+                .collect();
+            if !card.metrics.is_object() {
+                card.metrics = serde_json::json!({});
+            }
+            card.metrics["reference_predictions"] = predictions.into();
+            write_card(&card, &staged_card).map_err(io(&staged_card))?;
         }
         let onnx_path = out_dir.join(&onnx_file);
         let card_path = out_dir.join(&card_file);
@@ -262,6 +289,13 @@ fn validate_request(
     if model.spec.fault_on_white_input {
         return invalid("fault_on_white_input is a test-fixture feature; never export it".into());
     }
+    if !card.reference_images.is_empty() && card.reference_images.len() != parity_images.len() {
+        return invalid(format!(
+            "{} reference images described for {} parity images",
+            card.reference_images.len(),
+            parity_images.len()
+        ));
+    }
     if parity_images.is_empty() {
         return invalid("the parity check needs at least one real preprocessed image".into());
     }
@@ -278,6 +312,12 @@ fn validate_request(
         ));
     }
     Ok(())
+}
+
+fn write_card(card: &ModelCard, path: &Path) -> std::io::Result<()> {
+    let mut json = serde_json::to_string_pretty(card).map_err(std::io::Error::other)?;
+    json.push('\n');
+    std::fs::write(path, json)
 }
 
 /// Streams the graph to `path` while hashing it; returns the sha256.

@@ -319,7 +319,9 @@ pub fn predict_logits(
         Stage::Input
     };
     let mut logits = Vec::with_capacity(kept.len());
+    let pb = progress(kept.len() as u64, "predict");
     for chunk in kept.chunks(32) {
+        pb.inc(chunk.len() as u64);
         let keys: Vec<(usize, usize)> = chunk.iter().map(|&i| (i, 0)).collect();
         let Some(x) = inputs(ctx, opts, &keys) else {
             continue;
@@ -330,5 +332,6 @@ pub fn predict_logits(
             .view([-1]);
         logits.extend(Vec::<f32>::try_from(&out).unwrap_or_default());
     }
+    pb.finish_and_clear();
     (kept, logits)
 }
