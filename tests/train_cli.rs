@@ -1,0 +1,119 @@
+//! `leuknet-train run` end to end on real images at tiny size: LODOCV with an int8 weight-storage
+//! check, the feature-space protocol (penultimate-feature SVM, Vogado-style ImageNet-feature
+//! baseline, t-SNE plots) and an int8 export whose card carries reference predictions.
+//!
+//! Needs `./scripts/setup --train` and `./scripts/setup`; skips with a message where
+//! `../shared/data` (or `LEUKNET_DATA`) is absent.
+#![cfg(feature = "train")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn data_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("LEUKNET_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    dir.join("MANIFEST.csv").is_file().then_some(dir)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{} not written: {e}", path.display()));
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+#[test]
+fn run_lodo_features_and_int8_export_on_tiny_model() {
+    let Some(data) = data_dir() else {
+        eprintln!("skipping: ../shared/data not found (set LEUKNET_DATA)");
+        return;
+    };
+    let out = tempfile::tempdir().expect("tempdir");
+    let export = out.path().join("export");
+    let status = Command::new(env!("CARGO_BIN_EXE_leuknet-train"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "run",
+            "--init",
+            "scratch",
+            "--width-div",
+            "16",
+            "--frozen-blocks",
+            "4",
+        ])
+        .args([
+            "--limit-per-class",
+            "3",
+            "--epochs",
+            "1",
+            "--views",
+            "1",
+            "--batch",
+            "8",
+        ])
+        .args(["--folds", "2", "--protocols", "lodo,features,final"])
+        .args(["--weight-storage", "int8", "--device", "cpu"])
+        .arg("--manifest")
+        .arg(data.join("MANIFEST.csv"))
+        .arg("--out")
+        .arg(out.path())
+        .arg("--export-dir")
+        .arg(&export)
+        .status()
+        .expect("leuknet-train runs");
+    assert!(status.success(), "leuknet-train run failed: {status}");
+
+    // LODOCV with the int8 check on every held-out set.
+    let report = json(&out.path().join("report.json"));
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(
+        runs.len(),
+        3,
+        "ALL-IDB2, ALL-Aria2021 and DeepAPL held out once each"
+    );
+    for r in runs {
+        let check = &r["storage_check"];
+        assert_eq!(check["storage"], "int8", "{r}");
+        assert_eq!(check["fp32"]["n"], check["stored"]["n"]);
+        assert!(check["max_abs_diff_probability"].as_f64().expect("diff") < 0.5);
+    }
+    let table = std::fs::read_to_string(out.path().join("table.md")).expect("table");
+    assert!(table.contains("### Weight storage"), "{table}");
+
+    // Feature protocol: the frozen-feature baseline (random conv weights here: scratch init at
+    // width/16, so it is named untrained-gap, not imagenet-gap) under LODOCV and 2-fold, and
+    // the penultimate-feature SVM of each LODOCV model.
+    let features = json(&out.path().join("features.json"));
+    let features = features.as_array().expect("list");
+    let count = |f: &str, p: &str| {
+        features
+            .iter()
+            .filter(|r| r["features"] == f && r["protocol"] == p)
+            .count()
+    };
+    assert_eq!(count("untrained-gap", "lodo"), 3);
+    assert_eq!(count("untrained-gap", "kfold"), 2);
+    assert_eq!(count("leuknet-penultimate", "lodo"), 3);
+    for r in features {
+        let acc = r["accuracy"].as_f64().expect("accuracy");
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+    }
+    for png in ["tsne-untrained-gap.png", "tsne-lodo-ALL-IDB2.png"] {
+        let bytes = std::fs::read(out.path().join(png)).expect(png);
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+    }
+
+    // int8 export with reference predictions for 3 images per dataset and class at most.
+    let card = json(&export.join("leuknet.json"));
+    assert_eq!(card["architecture"]["weight_storage"], "int8");
+    let refs = card["metrics"]["reference_predictions"]
+        .as_array()
+        .expect("reference predictions");
+    assert!(refs.len() >= 12, "{} reference images", refs.len());
+    assert_eq!(
+        card["metrics"]["weight_storage"]["checks"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+}
