@@ -29,6 +29,9 @@ pub const LEUKNET_FEATURES: &str = "leuknet-penultimate";
 pub const IMAGENET_FEATURES: &str = "imagenet-gap";
 /// Name of the same rows when the run's init is not ImageNet (random frozen conv weights).
 pub const UNTRAINED_FEATURES: &str = "untrained-gap";
+/// Features of each sample (`None` where the image did not decode), indexed like the samples.
+pub type SampleFeatures = Vec<Option<Vec<f32>>>;
+
 /// At most this many points go into one t-SNE plot (an even subsample, in sample order).
 pub const TSNE_MAX_POINTS: usize = 1200;
 
@@ -79,7 +82,7 @@ fn extract(
     indices: &[usize],
     what: &str,
     f: impl Fn(&Tensor, Stage) -> Tensor,
-) -> Vec<Option<Vec<f32>>> {
+) -> SampleFeatures {
     let mut out = vec![None; ctx.samples.len()];
     let kept: Vec<usize> = indices
         .iter()
@@ -125,7 +128,7 @@ pub fn penultimate(
     model: &LeukNet,
     opts: &TrainOptions,
     split: &Split,
-) -> Vec<Option<Vec<f32>>> {
+) -> SampleFeatures {
     let all: Vec<usize> = split.train.iter().chain(&split.test).copied().collect();
     extract(ctx, opts, &all, "features", |x, stage| {
         model.features_from(x, stage)
@@ -137,7 +140,7 @@ pub fn penultimate(
 pub fn imagenet_gap(
     ctx: &Context,
     opts: &TrainOptions,
-) -> Result<(&'static str, Vec<Option<Vec<f32>>>), TrainError> {
+) -> Result<(&'static str, SampleFeatures), TrainError> {
     let model = fresh_model(opts, ctx.init, ctx.device)?;
     let name = match ctx.init {
         Init::ImageNet(_) => IMAGENET_FEATURES,
