@@ -52,7 +52,14 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
             "8",
         ])
         .args(["--folds", "2", "--protocols", "lodo,features,final"])
-        .args(["--weight-storage", "int8", "--device", "cpu"])
+        .args([
+            "--weight-storage",
+            "int8",
+            "--device",
+            "cpu",
+            "--domain-adversarial",
+            "0.3",
+        ])
         .arg("--manifest")
         .arg(data.join("MANIFEST.csv"))
         .arg("--out")

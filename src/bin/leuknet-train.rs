@@ -47,6 +47,12 @@ enum Command {
     /// Trains and evaluates under the chosen protocols; `final` trains on everything and, with
     /// --export-dir, exports the ONNX model and its card.
     Run(Box<RunArgs>),
+    /// Packs the deduplicated, masked 224x224 images and fp16 ImageNet weights into parts that
+    /// one GPU-machine call each can carry (docs/gpu-mdft.md).
+    Pack(leuknet::train::gpu::PackArgs),
+    /// The steps around a GPU run: widen, finalize, export-checkpoint, bench.
+    #[command(subcommand)]
+    Gpu(leuknet::train::gpu::GpuCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -220,6 +226,10 @@ struct RunArgs {
     /// the weights so rounded, and the change is recorded in the report and the card.
     #[arg(long, env = "LEUKNET_TRAIN_WEIGHT_STORAGE", default_value = "fp32")]
     weight_storage: WeightStorage,
+    /// Weight λ of the domain-adversarial loss (0 = off): a source classifier on the
+    /// penultimate features behind a gradient reversal layer (not exported).
+    #[arg(long, env = "LEUKNET_TRAIN_DOMAIN_ADVERSARIAL", default_value_t = 0.0)]
+    domain_adversarial: f64,
 }
 
 fn main() -> Result<()> {
@@ -238,6 +248,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Run(args) => run(*args),
+        Command::Pack(args) => Ok(leuknet::train::gpu::run_pack(args)?),
+        Command::Gpu(cmd) => Ok(leuknet::train::gpu::run_gpu(cmd)?),
     }
 }
 
@@ -268,6 +280,7 @@ fn options(a: &RunArgs, seed: u64) -> TrainOptions {
             ColorNormChoice::ChannelStandardize => ColorNormalization::ChannelStandardize,
         },
         seed,
+        domain_adversarial: a.domain_adversarial,
     }
 }
 

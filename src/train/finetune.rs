@@ -50,6 +50,12 @@ pub struct TrainOptions {
     pub color_norm: ColorNormalization,
     /// Seed of the head initialisation, views and batch order.
     pub seed: u64,
+    /// Weight λ of a domain-adversarial loss (0 = off): a linear classifier predicts each
+    /// training image's source (dataset) from the penultimate features through a gradient
+    /// reversal layer, so the trained layers are pushed towards features the source cannot be
+    /// read from (Ganin & Lempitsky 2015). The domain head is not exported or checkpointed.
+    #[serde(default)]
+    pub domain_adversarial: f64,
 }
 
 impl TrainOptions {
@@ -145,6 +151,78 @@ fn hash_indices(samples: &[Sample], idx: &[usize]) -> String {
     crate::model_card::sha256_hex(all.as_bytes())
 }
 
+/// The domain classifier of [`TrainOptions::domain_adversarial`]: one Linear from the
+/// penultimate features to the training sources, behind a gradient reversal.
+struct DomainHead {
+    _vs: tch::nn::VarStore,
+    linear: tch::nn::Linear,
+    opt: std::cell::RefCell<tch::nn::Optimizer>,
+    /// Source index of each training sample (by sample index).
+    source: std::collections::HashMap<usize, i64>,
+    device: Device,
+}
+
+impl DomainHead {
+    fn new(
+        ctx: &Context,
+        train: &[usize],
+        model: &LeukNet,
+        opts: &TrainOptions,
+    ) -> Result<Self, TrainError> {
+        let mut names: Vec<&str> = train
+            .iter()
+            .map(|&i| ctx.samples[i].dataset.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let source = train
+            .iter()
+            .map(|&i| {
+                let d = ctx.samples[i].dataset.as_str();
+                (i, names.iter().position(|n| *n == d).unwrap_or(0) as i64)
+            })
+            .collect();
+        let vs = tch::nn::VarStore::new(ctx.device);
+        let width = model.spec.head.last().copied().unwrap_or(1) as i64;
+        let linear = tch::nn::linear(
+            vs.root() / "domain",
+            width,
+            names.len().max(1) as i64,
+            Default::default(),
+        );
+        let opt = tch::nn::Sgd {
+            momentum: opts.momentum,
+            dampening: 0.0,
+            wd: opts.weight_decay,
+            nesterov: false,
+        }
+        .build(&vs, opts.lr)?;
+        Ok(Self {
+            _vs: vs,
+            linear,
+            opt: std::cell::RefCell::new(opt),
+            source,
+            device: ctx.device,
+        })
+    }
+
+    /// `lambda` x the domain cross-entropy, with the features' gradient reversed: the forward
+    /// value is the features themselves, the gradient reaching them is `-lambda` times the
+    /// domain head's (written as `(1 + λ) f.detach() - λ f`).
+    fn loss(&self, features: &Tensor, batch: &[usize], lambda: f64) -> Tensor {
+        let reversed = features.detach() * (1.0 + lambda) - features * lambda;
+        let target: Vec<i64> = batch
+            .iter()
+            .map(|i| self.source.get(i).copied().unwrap_or(0))
+            .collect();
+        let target = Tensor::from_slice(&target).to_device(self.device);
+        use tch::nn::Module;
+        self.linear
+            .forward(&reversed)
+            .cross_entropy_for_logits(&target)
+    }
+}
+
 /// A batch of inputs at the run's cache stage for (sample, view) keys.
 fn inputs(ctx: &Context, opts: &TrainOptions, keys: &[(usize, usize)]) -> Option<Tensor> {
     if let Some(cache) = ctx.cache {
@@ -227,6 +305,9 @@ pub fn train(
     .build(&model.vs, opts.lr)?;
 
     let steps_per_epoch = train.len().div_ceil(opts.batch.max(1));
+    let domain = (opts.domain_adversarial > 0.0)
+        .then(|| DomainHead::new(ctx, &train, &model, opts))
+        .transpose()?;
     for epoch in start_epoch..opts.epochs {
         let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed ^ ((epoch as u64 + 1) << 32));
         let batches: Vec<Vec<usize>> = if opts.balanced {
@@ -254,14 +335,22 @@ pub fn train(
             };
             let y: Vec<f32> = b.iter().map(|&i| ctx.samples[i].label as f32).collect();
             let y = Tensor::from_slice(&y).to_device(ctx.device);
-            let logits = model.forward_from(&x, stage, true).view([-1]);
-            let loss = logits.binary_cross_entropy_with_logits::<Tensor>(
+            let (logits, features) = model.forward_parts(&x, stage, true);
+            let logits = logits.view([-1]);
+            let mut loss = logits.binary_cross_entropy_with_logits::<Tensor>(
                 &y,
                 None,
                 pos_weight.as_ref().map(Tensor::shallow_clone),
                 Reduction::Mean,
             );
+            if let Some(d) = &domain {
+                loss = loss + d.loss(&features, &b, opts.domain_adversarial);
+                d.opt.borrow_mut().zero_grad();
+            }
             opt.backward_step(&loss);
+            if let Some(d) = &domain {
+                d.opt.borrow_mut().step();
+            }
             sum += loss.double_value(&[]) * b.len() as f64;
             count += b.len();
             pb.inc(1);

@@ -550,6 +550,15 @@ impl LeukNet {
         self.head(&self.flatten_from(act, stage), train, false)
     }
 
+    /// Logits `N, 1` and penultimate features `N, head[-1]` in one pass from activations at
+    /// `stage`; `train` turns dropout on (the features are taken after it).
+    pub fn forward_parts(&self, act: &Tensor, stage: Stage, train: bool) -> (Tensor, Tensor) {
+        let features = self.head(&self.flatten_from(act, stage), train, true);
+        let last = &self.linears[self.linears.len() - 1];
+        let logits = features.linear(&last.weight, Some(&last.bias));
+        (logits, features)
+    }
+
     /// The flattened backbone output (`N, flatten_size`) from activations taken at `stage`.
     fn flatten_from(&self, act: &Tensor, stage: Stage) -> Tensor {
         match stage {
