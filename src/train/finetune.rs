@@ -344,7 +344,7 @@ pub fn train(
                 Reduction::Mean,
             );
             if let Some(d) = &domain {
-                loss = loss + d.loss(&features, &b, opts.domain_adversarial);
+                loss += d.loss(&features, &b, opts.domain_adversarial);
                 d.opt.borrow_mut().zero_grad();
             }
             opt.backward_step(&loss);
