@@ -47,6 +47,12 @@ enum Command {
     /// Trains and evaluates under the chosen protocols; `final` trains on everything and, with
     /// --export-dir, exports the ONNX model and its card.
     Run(Box<RunArgs>),
+    /// Packs the deduplicated, masked 224x224 images and fp16 ImageNet weights into parts that
+    /// one GPU-machine call each can carry (docs/gpu-mdft.md).
+    Pack(leuknet::train::gpu::PackArgs),
+    /// The steps around a GPU run: widen, finalize, export-checkpoint, bench.
+    #[command(subcommand)]
+    Gpu(leuknet::train::gpu::GpuCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -242,6 +248,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Run(args) => run(*args),
+        Command::Pack(args) => Ok(leuknet::train::gpu::run_pack(args)?),
+        Command::Gpu(cmd) => Ok(leuknet::train::gpu::run_gpu(cmd)?),
     }
 }
 

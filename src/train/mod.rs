@@ -15,6 +15,8 @@
 //! - [`export`]: ONNX + model card export with an ONNX Runtime vs tch parity check.
 //! - [`pipeline`]: samples -> preprocessed images -> views -> cached frozen-layer activations.
 //! - [`finetune`]: one training run (SGD, BCE, balanced batches, checkpoints, resume).
+//! - [`pack`]: a compact, part-split copy of the masked 224x224 images and fp16 ImageNet weights
+//!   for a GPU machine; [`gpu`]: finalize there, export here, training-step benchmark.
 //! - [`protocol`]: LODOCV / k-fold runs with threshold and calibration chosen on training data.
 pub mod augment;
 pub mod data;
@@ -23,7 +25,9 @@ pub mod export;
 pub mod feature_protocol;
 pub mod features;
 pub mod finetune;
+pub mod gpu;
 pub mod model;
+pub mod pack;
 pub mod pipeline;
 pub mod protocol;
 pub mod report;
