@@ -5,7 +5,7 @@
 use super::augment::Augmenter;
 use super::data::{balanced_batches, Sample};
 use super::model::{FineTuneMode, Init, LeukNet, ModelError, Stage};
-use super::pipeline::{progress, view, ActivationCache, ImageSet, SIZE};
+use super::pipeline::{progress, view_batch, ActivationCache, ImageSet, SIZE};
 use super::report::EpochRow;
 use crate::color_norm::ColorNormalization;
 use crate::onnx::LeukNetSpec;
@@ -228,17 +228,13 @@ fn inputs(ctx: &Context, opts: &TrainOptions, keys: &[(usize, usize)]) -> Option
     if let Some(cache) = ctx.cache {
         return cache.batch(keys, ctx.device);
     }
-    let mut flat = Vec::with_capacity(keys.len() * 3 * SIZE * SIZE);
-    for &(i, v) in keys {
-        flat.extend(view(
-            ctx.images,
-            i,
-            v,
-            &opts.augmenter,
-            &opts.color_norm,
-            opts.seed,
-        )?);
-    }
+    let flat = view_batch(
+        ctx.images,
+        keys,
+        &opts.augmenter,
+        &opts.color_norm,
+        opts.seed,
+    )?;
     Some(
         Tensor::from_slice(&flat)
             .view([keys.len() as i64, 3, SIZE as i64, SIZE as i64])

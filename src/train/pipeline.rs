@@ -192,6 +192,53 @@ pub fn view(
     Some(finish_view(chw, norm))
 }
 
+/// The views of a batch of `(sample, view)` keys, concatenated (`keys.len()` CHW tensors),
+/// drawn on up to `available_parallelism` threads: the same values as [`view`] one key at a
+/// time, so training on a many-core machine is not held back by augmentation on one core.
+/// `None` if any sample did not decode.
+pub fn view_batch(
+    set: &ImageSet,
+    keys: &[(usize, usize)],
+    augmenter: &Augmenter,
+    norm: &ColorNormalization,
+    seed: u64,
+) -> Option<Vec<f32>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(keys.len());
+    if threads <= 1 || *augmenter == Augmenter::none() || keys.iter().all(|k| k.1 == 0) {
+        let mut flat = Vec::with_capacity(keys.len() * 3 * SIZE * SIZE);
+        for &(i, v) in keys {
+            flat.extend(view(set, i, v, augmenter, norm, seed)?);
+        }
+        return Some(flat);
+    }
+    let chunk = keys.len().div_ceil(threads);
+    let parts: Vec<Option<Vec<f32>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = keys
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut flat = Vec::with_capacity(part.len() * 3 * SIZE * SIZE);
+                    for &(i, v) in part {
+                        flat.extend(view(set, i, v, augmenter, norm, seed)?);
+                    }
+                    Some(flat)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    let mut flat = Vec::with_capacity(keys.len() * 3 * SIZE * SIZE);
+    for p in parts {
+        flat.extend(p?);
+    }
+    Some(flat)
+}
+
 /// Cached activations of the frozen part: row `r` holds view `views[r].1` of sample
 /// `views[r].0`, at `stage`, as fp16 on the CPU.
 pub struct ActivationCache {
