@@ -53,7 +53,10 @@ pub struct TrainOptions {
     /// Weight λ of a domain-adversarial loss (0 = off): a linear classifier predicts each
     /// training image's source (dataset) from the penultimate features through a gradient
     /// reversal layer, so the trained layers are pushed towards features the source cannot be
-    /// read from (Ganin & Lempitsky 2015). The domain head is not exported or checkpointed.
+    /// read from (Ganin & Lempitsky 2015). As there, λ ramps up as `λ (2 / (1 + e^(-10 p)) - 1)`
+    /// over training progress `p`; the domain head sees L2-normalised features, so the reversed
+    /// gradient cannot be satisfied by inflating the features (which diverged to NaN without
+    /// it). The domain head is not exported or checkpointed.
     #[serde(default)]
     pub domain_adversarial: f64,
 }
@@ -96,6 +99,12 @@ pub enum TrainError {
     Tch(#[from] tch::TchError),
     #[error("no usable training sample")]
     NoData,
+    #[error("training diverged in {run}, epoch {epoch}: the loss is {loss} (lower the learning rate or --domain-adversarial)")]
+    Diverged {
+        run: String,
+        epoch: usize,
+        loss: f64,
+    },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 }
@@ -211,6 +220,10 @@ impl DomainHead {
     /// domain head's (written as `(1 + λ) f.detach() - λ f`).
     fn loss(&self, features: &Tensor, batch: &[usize], lambda: f64) -> Tensor {
         let reversed = features.detach() * (1.0 + lambda) - features * lambda;
+        let norm = reversed
+            .norm_scalaropt_dim(2.0, &[1i64][..], true)
+            .clamp_min(1e-6);
+        let reversed = reversed / norm;
         let target: Vec<i64> = batch
             .iter()
             .map(|i| self.source.get(i).copied().unwrap_or(0))
@@ -340,14 +353,25 @@ pub fn train(
                 Reduction::Mean,
             );
             if let Some(d) = &domain {
-                loss += d.loss(&features, &b, opts.domain_adversarial);
+                let done = (epoch * steps_per_epoch + count / opts.batch.max(1)) as f64;
+                let p = done / (opts.epochs * steps_per_epoch).max(1) as f64;
+                let lambda = opts.domain_adversarial * (2.0 / (1.0 + (-10.0 * p).exp()) - 1.0);
+                loss += d.loss(&features, &b, lambda);
                 d.opt.borrow_mut().zero_grad();
             }
             opt.backward_step(&loss);
             if let Some(d) = &domain {
                 d.opt.borrow_mut().step();
             }
-            sum += loss.double_value(&[]) * b.len() as f64;
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                return Err(TrainError::Diverged {
+                    run: label.to_string(),
+                    epoch: epoch + 1,
+                    loss: value,
+                });
+            }
+            sum += value * b.len() as f64;
             count += b.len();
             pb.inc(1);
         }
