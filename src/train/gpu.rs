@@ -12,7 +12,8 @@ use super::export::{export, ExportCard, ExportError, ExportReport};
 use super::finetune::{fold_platt, fresh_model, Context, TrainError, TrainOptions};
 use super::model::{device_from, Init, LeukNet, ModelError};
 use super::pack::{
-    join_parts, read_tensors, serialize_tensors, write_parts, write_tensors, PackError, PartsIndex,
+    join_indexed, read_tensors, serialize_tensors, write_parts, write_tensors, PackError,
+    PartsIndex,
 };
 use super::pipeline::{prepare_images, view, ImageSet, SIZE};
 use super::protocol::{choose_decision, Decision, ThresholdRule};
@@ -368,7 +369,7 @@ pub fn export_checkpoint(opts: &ExportCheckpointOptions) -> Result<ExportReport,
     let p = opts.weights_dir.join(FINAL_JSON);
     let text = std::fs::read_to_string(&p).map_err(|e| ferr(&p, e))?;
     let info: FinalInfo = serde_json::from_str(&text).map_err(|e| ferr(&p, e))?;
-    let (_, bytes) = join_parts(&opts.weights_dir, &info.weights.file)?;
+    let bytes = join_indexed(&opts.weights_dir, &info.weights)?;
     let tmp = tempfile_dir()?;
     let f32_file = tmp.join("final-f32.safetensors");
     decode_weights(

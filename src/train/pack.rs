@@ -610,6 +610,13 @@ pub fn join_parts(dir: &Path, file: &str) -> Result<(PartsIndex, Vec<u8>), PackE
     let text = std::fs::read_to_string(&p).map_err(io(&p))?;
     let index: PartsIndex = serde_json::from_str(&text)
         .map_err(|e| PackError::Invalid(format!("{}: {e}", p.display())))?;
+    let bytes = join_indexed(dir, &index)?;
+    Ok((index, bytes))
+}
+
+/// Puts the parts named by `index` (in `dir`) back together, checking size and sha256.
+pub fn join_indexed(dir: &Path, index: &PartsIndex) -> Result<Vec<u8>, PackError> {
+    let file = &index.file;
     let mut bytes = Vec::with_capacity(index.bytes as usize);
     for name in &index.parts {
         let part = dir.join(name);
@@ -625,7 +632,7 @@ pub fn join_parts(dir: &Path, file: &str) -> Result<(PartsIndex, Vec<u8>), PackE
             index.sha256
         )));
     }
-    Ok((index, bytes))
+    Ok(bytes)
 }
 
 #[cfg(test)]
