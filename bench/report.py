@@ -1,0 +1,230 @@
+"""bench/report.py: turns bench/.work/*.json into the Markdown tables, the PNG chart and the
+last-line JSON of bench/run. Called by bench/run; reads its settings from the environment
+variables bench/run exports (REPORT_*). The chart needs matplotlib (the peers' venv has it);
+without it the chart is skipped with a note."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+env = os.environ
+work, out, stamp = env["REPORT_WORK"], env["REPORT_OUT"], env["REPORT_STAMP"]
+targets = env["REPORT_TARGETS"].split()
+kinds = env["REPORT_KINDS"].split()  # KIND:CONTENT_TYPE:FILE
+conc = [int(c) for c in env["REPORT_CONCURRENCY"].split()]
+OURS = "leuknet"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def load(path: str):
+    p = os.path.join(work, path)
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+lines = [json.loads(l) for l in open(os.path.join(work, "raw.jsonl")) if l.strip()]
+per_batch = [l for l in lines if "batch" in l]
+summary = next(l for l in lines if "best_batch" in l)
+raw_best = summary["best_images_per_s"]
+raw_b1 = next((l for l in per_batch if l["batch"] == 1), None)
+raw_single_ms = raw_b1["ms_per_batch"] if raw_b1 else None
+parity = load("parity.json")
+image_info = {}
+if parity:
+    for row in parity["inputs"]:
+        image_info.setdefault(row["kind"], row["file"])
+
+rows = []
+for target in targets:
+    for spec in kinds:
+        kind, ctype, path = spec.split(":", 2)
+        for c in conc:
+            d = load(f"oha-{target}-{kind}-c{c}.json")
+            if d is None:
+                continue
+            proc = load(f"proc-{target}-{kind}-c{c}.json") or {}
+            codes = {k: int(v) for k, v in d.get("statusCodeDistribution", {}).items()}
+            ok = codes.get("200", 0)
+            total_s = d["summary"]["total"]
+            pct = d.get("latencyPercentilesSuccessful") or d["latencyPercentiles"]
+            ms = lambda k: None if pct.get(k) is None else round(pct[k] * 1000, 2)  # noqa: E731
+            ips = ok / total_s if total_s else 0.0
+            row = {
+                "server": target, "input": kind, "content_type": ctype,
+                "file": os.path.basename(path), "concurrency": c,
+                "duration_s": round(total_s, 3), "ok": ok, "images_per_s": round(ips, 3),
+                "p50_ms": ms("p50"), "p99_ms": ms("p99"),
+                "cpu_s_per_image": round(proc["cpu_s"] / ok, 4) if ok and "cpu_s" in proc else None,
+                "rss_peak_mb": round(proc["rss_peak_kb"] / 1024, 1) if "rss_peak_kb" in proc else None,
+                "hwm_mb": round(proc["hwm_kb"] / 1024, 1) if "hwm_kb" in proc else None,
+                "processes": proc.get("processes"),
+                "over_raw": round(ips / raw_best, 3) if raw_best else None,
+                "non_200": {k: v for k, v in codes.items() if k != "200"},
+                "errors": {k: v for k, v in d.get("errorDistribution", {}).items()
+                           if k != "aborted due to deadline"},
+            }
+            if target == OURS and c == 1 and row["p50_ms"] is not None and raw_single_ms:
+                row["added_p50_ms"] = round(row["p50_ms"] - raw_single_ms, 2)
+            rows.append(row)
+
+
+def pick(target: str, kind: str, c: int | None = None) -> list[dict]:
+    return [r for r in rows if r["server"] == target and r["input"] == kind
+            and (c is None or r["concurrency"] == c)]
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+# Ours over each peer at the same concurrency.
+for r in rows:
+    if r["server"] != OURS:
+        ours = pick(OURS, r["input"], r["concurrency"])
+        if ours:
+            r["ours_over_this"] = ratio(ours[0]["images_per_s"], r["images_per_s"])
+
+comparison = {}
+peers = [t for t in targets if t != OURS]
+for spec in kinds:
+    kind = spec.split(":", 1)[0]
+    per = {}
+    for target in targets:
+        rs = pick(target, kind)
+        if not rs:
+            continue
+        best = max(rs, key=lambda r: r["images_per_s"])
+        c1 = pick(target, kind, 1)
+        per[target] = {
+            "best_images_per_s": best["images_per_s"], "best_concurrency": best["concurrency"],
+            "cpu_s_per_image": best["cpu_s_per_image"],
+            "p50_ms_c1": c1[0]["p50_ms"] if c1 else None,
+            "p99_ms_c1": c1[0]["p99_ms"] if c1 else None,
+            "rss_peak_mb": max((r["rss_peak_mb"] or 0) for r in rs),
+            "hwm_mb": max((r["hwm_mb"] or 0) for r in rs),
+        }
+    entry = {"servers": per}
+    if OURS in per:
+        ours = per[OURS]
+        entry["ratio_vs_raw"] = ratio(ours["best_images_per_s"], raw_best)
+        entry["ours_over_peer"] = {
+            p: {"images_per_s": ratio(ours["best_images_per_s"], per[p]["best_images_per_s"]),
+                "p50_ms_c1": ratio(ours["p50_ms_c1"], per[p]["p50_ms_c1"]),
+                "cpu_s_per_image": ratio(ours["cpu_s_per_image"], per[p]["cpu_s_per_image"]),
+                "rss_peak_mb": ratio(ours["rss_peak_mb"], per[p]["rss_peak_mb"])}
+            for p in peers if p in per}
+        best_peer = max((p for p in peers if p in per),
+                        key=lambda p: per[p]["best_images_per_s"], default=None)
+        entry["best_peer"] = best_peer
+        entry["ratio_vs_best_peer"] = (ratio(ours["best_images_per_s"],
+                                             per[best_peer]["best_images_per_s"])
+                                       if best_peer else None)
+    comparison[kind] = entry
+
+result = {
+    "timestamp": stamp, "mode": env["REPORT_MODE"], "device": env["REPORT_DEVICE"],
+    "execution_provider": summary.get("execution_provider"), "model": summary.get("model"),
+    "host": {"cpus": os.cpu_count(), "cpu": cpu_model()},
+    "threads": int(env["REPORT_THREADS"]),
+    "load_seconds": float(env["REPORT_DURATION"]),
+    "raw_seconds_per_batch": float(env["REPORT_RAW_SECONDS"]),
+    "raw": {"per_batch": per_batch, "best_batch": summary["best_batch"],
+            "best_images_per_s": raw_best, "single_image_ms": raw_single_ms},
+    "servers": targets,
+    "parity": None if parity is None else {
+        "ok": parity["ok"], "tolerance": parity["tolerance"],
+        "kind_tolerance": parity.get("kind_tolerance"), "max_abs_dp": parity["per_kind"]},
+    "comparison": comparison,
+    "rows": rows,
+    # The pre-peers figures, kept under their old name for older readers.
+    "server": [r for r in rows if r["server"] == OURS],
+}
+
+# ---- chart -------------------------------------------------------------------------------------
+png = os.path.splitext(out)[0] + ".png"
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s.split(":", 1)[0] for s in kinds]
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7), squeeze=False)
+    for i, kind in enumerate(names):
+        top, bottom = axes[0][i], axes[1][i]
+        for target in targets:
+            rs = sorted(pick(target, kind), key=lambda r: r["concurrency"])
+            if not rs:
+                continue
+            xs = [r["concurrency"] for r in rs]
+            style = dict(marker="o", linewidth=2.5 if target == OURS else 1.5)
+            top.plot(xs, [r["images_per_s"] for r in rs], label=target, **style)
+            bottom.plot(xs, [r["p50_ms"] for r in rs], label=f"{target} p50", **style)
+        top.axhline(raw_best, color="grey", linestyle="--", label="raw ORT (best batch)")
+        top.set_title(kind)
+        top.set_xscale("log", base=2)
+        bottom.set_xscale("log", base=2)
+        bottom.set_yscale("log")
+        top.set_ylabel("images/s")
+        bottom.set_ylabel("p50 latency, ms")
+        bottom.set_xlabel("concurrency")
+        top.set_ylim(bottom=0)
+        top.legend(fontsize=7)
+    fig.suptitle(f"leuknet-server vs Python peers, {result['execution_provider']}, "
+                 f"{result['host']['cpus']} CPUs, {stamp} ({result['mode']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    result["chart"] = os.path.relpath(png)
+except ImportError as e:
+    print(f"(no chart: {e})", file=sys.stderr)
+
+# ---- Markdown ----------------------------------------------------------------------------------
+print(f"\nRaw engine ({result['execution_provider']}, {result['threads']} intra-op threads): best "
+      f"{raw_best:.2f} images/s at batch {summary['best_batch']}; batch 1 takes {raw_single_ms} ms.")
+if parity:
+    print("\nParity (max |dp| against leuknet-server, all inputs of each kind): " + "; ".join(
+        f"{k}: " + ", ".join(f"{n} {v:.1e}" for n, v in d.items() if not n.startswith("local"))
+        for k, d in parity["per_kind"].items()) + f" -> {'ok' if parity['ok'] else 'FAILED'}")
+print("\n| input | server | concurrency | images/s | p50 ms | p99 ms | CPU s/image | peak RSS MB "
+      "| ours/this |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for spec in kinds:
+    kind = spec.split(":", 1)[0]
+    for c in conc:
+        for target in targets:
+            for r in pick(target, kind, c):
+                flag = "" if not r["non_200"] and not r["errors"] else " *"
+                print(f"| {kind} | {target} | {c} | {r['images_per_s']:.2f}{flag} | {r['p50_ms']} | "
+                      f"{r['p99_ms']} | {r['cpu_s_per_image']} | {r['rss_peak_mb']} | "
+                      f"{r.get('ours_over_this', '') if target != OURS else ''} |")
+print("\n| input | best images/s (" + ", ".join(targets) + ") | ratio_vs_best_peer | ratio_vs_raw "
+      "| p50 ms at c=1 | peak RSS MB |")
+print("|---|---|---:|---:|---|---|")
+for kind, e in comparison.items():
+    s = e["servers"]
+    fmt = lambda key: " / ".join(str(s[t][key]) if t in s else "-" for t in targets)  # noqa: E731
+    print(f"| {kind} | {fmt('best_images_per_s')} | {e.get('ratio_vs_best_peer')} | "
+          f"{e.get('ratio_vs_raw')} | {fmt('p50_ms_c1')} | {fmt('rss_peak_mb')} |")
+print()
+for r in rows:
+    if "added_p50_ms" in r:
+        print(f"{r['input']}, concurrency 1: leuknet p50 {r['p50_ms']} ms - raw batch-1 "
+              f"{raw_single_ms} ms = {r['added_p50_ms']} ms added by HTTP, decoding and queueing")
+if any(r["non_200"] or r["errors"] for r in rows):
+    print("* non-200 responses or client errors; see non_200 and errors in the JSON")
+with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+print(f"\nsaved {os.path.relpath(out)}" + (f" and {result['chart']}" if "chart" in result else ""))
+print(json.dumps(result, separators=(",", ":")))
