@@ -192,7 +192,7 @@ except ImportError as e:
 # ---- Markdown ----------------------------------------------------------------------------------
 print(f"\nRaw engine ({result['execution_provider']}, {result['threads']} intra-op threads): best "
       f"{raw_best:.2f} images/s at batch {summary['best_batch']}; batch 1 takes {raw_single_ms} ms.")
-if parity:
+if parity and any(parity["per_kind"].values()):
     print("\nParity (max |dp| against leuknet-server, all inputs of each kind): " + "; ".join(
         f"{k}: " + ", ".join(f"{n} {v:.1e}" for n, v in d.items() if not n.startswith("local"))
         for k, d in parity["per_kind"].items()) + f" -> {'ok' if parity['ok'] else 'FAILED'}")
