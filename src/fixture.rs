@@ -145,6 +145,7 @@ fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String)
                      data, never ship it, never base any decision on it."
             .into(),
         fixture: true,
+        limitations: vec!["Random weights: its answers mean nothing.".into()],
     }
 }
 

@@ -107,6 +107,9 @@ pub struct ModelCard {
     /// True for random-weight test fixtures: such a model must never be shipped or trusted.
     #[serde(default)]
     pub fixture: bool,
+    /// Known limits of the model, in plain sentences (measured where they give figures).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limitations: Vec<String>,
 }
 
 impl InputSpec {

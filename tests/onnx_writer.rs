@@ -97,6 +97,7 @@ fn card(spec: &LeukNetSpec, probability_output: &str) -> ModelCard {
         intended_use: "test".into(),
         disclaimer: "test".into(),
         fixture: true,
+        limitations: Vec::new(),
     }
 }
 

@@ -57,6 +57,8 @@ pub struct ExportCard {
     /// each one's exported probability as `metrics.reference_predictions`, so anyone holding the
     /// data can check that a server with this card reproduces them.
     pub reference_images: Vec<ReferenceImage>,
+    /// Known limits, recorded as the card's `limitations`.
+    pub limitations: Vec<String>,
 }
 
 /// One parity image, identified so that it can be found again in a manifest.
@@ -90,6 +92,7 @@ impl Default for ExportCard {
             color_normalization: serde_json::Value::Null,
             pretrained_weights: None,
             reference_images: Vec::new(),
+            limitations: Vec::new(),
         }
     }
 }
@@ -373,6 +376,7 @@ fn build_card(
         intended_use: fields.intended_use.clone(),
         disclaimer: fields.disclaimer.clone(),
         fixture: false,
+        limitations: fields.limitations.clone(),
     }
 }
 

@@ -142,7 +142,9 @@ pub fn check_storage(
 
 /// Trains on a split, chooses the decision on its training side, evaluates on its test side;
 /// with `storage` (other than fp32), also measures what that weight storage changes there
-/// ([`check_storage`]).
+/// ([`check_storage`]), or reuses `previous`'s check when `previous` (this split's record in an
+/// earlier report) has exactly the same test metrics.
+#[allow(clippy::too_many_arguments)]
 pub fn run_split(
     ctx: &Context,
     split: &Split,
@@ -151,6 +153,7 @@ pub fn run_split(
     rule: ThresholdRule,
     checkpoint_root: Option<&Path>,
     storage: WeightStorage,
+    previous: Option<&RunRecord>,
 ) -> Result<(RunRecord, Decision, LeukNet), TrainError> {
     let label = format!("{}-s{}", split.name, opts.seed);
     let ckpt = checkpoint_root.map(|r| r.join(&label));
@@ -173,8 +176,17 @@ pub fn run_split(
         threshold = decision.threshold,
         "split evaluated"
     );
+    // A resumed run whose test metrics are exactly those of an earlier report evaluated the same
+    // model with the same decision: its storage check (two whole-network passes) is reused.
+    let earlier = previous
+        .filter(|r| r.metrics == metrics)
+        .and_then(|r| r.storage_check.clone())
+        .filter(|c| c.storage == storage);
     let storage_check = if storage == WeightStorage::Fp32 {
         None
+    } else if let Some(check) = earlier {
+        tracing::info!(split = %split.name, %storage, "weight storage check reused from the earlier report");
+        Some(check)
     } else {
         let check = check_storage(ctx, &model, opts, &decision, &split.test, storage)?;
         tracing::info!(
