@@ -85,7 +85,12 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--width-div", type=int, default=1)
+    ap.add_argument("--variants", default="fp32,bf16_autocast,bf16_autocast_channels_last",
+                    help="comma-separated subset of fp32, bf16_autocast, bf16_autocast_channels_last")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = default)")
     a = ap.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     out = {
         "torch": torch.__version__,
         "device": a.device,
@@ -98,7 +103,11 @@ def main():
     }
     variants = {"fp32": (False, False), "bf16_autocast": (True, False),
                 "bf16_autocast_channels_last": (True, True)}
+    out["threads"] = torch.get_num_threads()
+    wanted = set(a.variants.split(","))
     for name, (ac, cl) in variants.items():
+        if name not in wanted:
+            continue
         try:
             out[name] = run(a.device, a.batch, a.steps, a.warmup, a.width_div, ac, cl)
         except Exception as e:  # report, keep the other variants

@@ -140,6 +140,17 @@ pub fn check_storage(
     })
 }
 
+/// Whether two evaluations are of the same predictions: identical confusion matrices and AUC
+/// equal to 1e-9 (a JSON round trip may move a float by one ulp).
+fn same_evaluation(a: &BinaryMetrics, b: &BinaryMetrics) -> bool {
+    let auc = match (a.auc, b.auc) {
+        (Some(x), Some(y)) => (x - y).abs() < 1e-9,
+        (None, None) => true,
+        _ => false,
+    };
+    a.confusion == b.confusion && a.n == b.n && auc
+}
+
 /// Trains on a split, chooses the decision on its training side, evaluates on its test side;
 /// with `storage` (other than fp32), also measures what that weight storage changes there
 /// ([`check_storage`]), or reuses `previous`'s check when `previous` (this split's record in an
@@ -179,7 +190,7 @@ pub fn run_split(
     // A resumed run whose test metrics are exactly those of an earlier report evaluated the same
     // model with the same decision: its storage check (two whole-network passes) is reused.
     let earlier = previous
-        .filter(|r| r.metrics == metrics)
+        .filter(|r| same_evaluation(&r.metrics, &metrics))
         .and_then(|r| r.storage_check.clone())
         .filter(|c| c.storage == storage);
     let storage_check = if storage == WeightStorage::Fp32 {
