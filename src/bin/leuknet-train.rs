@@ -587,7 +587,9 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         return Ok(());
     };
     // Parity on real images, recorded in the card as reference predictions: the first
-    // REFERENCE_PER_CLASS decodable images of each dataset and class, in manifest order.
+    // REFERENCE_PER_CLASS decodable images of each dataset and class, in manifest order, each
+    // read from its file and preprocessed exactly as the server does (no dataset rule such as
+    // a mask, no u8 storage), so a server with this card must reproduce them.
     let seen: std::collections::BTreeSet<String> =
         ctx.samples.iter().map(|s| s.dataset.clone()).collect();
     let mut taken = std::collections::HashMap::new();
@@ -598,16 +600,20 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         if *n >= REFERENCE_PER_CLASS {
             continue;
         }
-        let Some(chw) = leuknet::train::pipeline::view(
-            ctx.images,
-            i,
-            0,
-            &Augmenter::none(),
-            &opts.color_norm,
-            0,
-        ) else {
+        if ctx.images.images[i].is_none() {
+            continue;
+        }
+        let Ok(p) = std::fs::read(&s.path).map_err(|e| e.to_string()).and_then(|b| {
+            leuknet::preprocess::preprocess(
+                &b,
+                leuknet::train::pipeline::SIZE as u32,
+                &leuknet::preprocess::Limits::default(),
+            )
+            .map_err(|e| e.to_string())
+        }) else {
             continue;
         };
+        let chw = leuknet::train::pipeline::finish_view(p.tensor, &opts.color_norm);
         *n += 1;
         parity.push(chw);
         reference_images.push(ReferenceImage {
