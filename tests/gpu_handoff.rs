@@ -7,15 +7,11 @@
 //! `../shared/data` (or `LEUKNET_DATA`) is absent.
 #![cfg(feature = "train")]
 
+mod common;
+
+use common::data_dir;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn data_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("LEUKNET_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    dir.join("MANIFEST.csv").is_file().then_some(dir)
-}
 
 fn train() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_leuknet-train"));

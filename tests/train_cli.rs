@@ -6,15 +6,11 @@
 //! `../shared/data` (or `LEUKNET_DATA`) is absent.
 #![cfg(feature = "train")]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn data_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("LEUKNET_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    dir.join("MANIFEST.csv").is_file().then_some(dir)
-}
+use common::data_dir;
+use std::path::Path;
+use std::process::Command;
 
 fn json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path)
