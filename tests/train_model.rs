@@ -136,10 +136,21 @@ fn tiny_spec_at(size: usize) -> LeukNetSpec {
     }
 }
 
-/// tch's global RNG is shared by the test threads: seed and build under one lock.
+/// tch's global RNG is shared by the test threads: a test that draws from it (model init,
+/// dropout, `LeukNet::rounded_copy`) while another is seeding would change that test's numbers.
+static RNG: Mutex<()> = Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn seeded_model(spec: LeukNetSpec, seed: i64) -> LeukNet {
-    static RNG: Mutex<()> = Mutex::new(());
-    let _guard = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = rng_lock();
+    seeded_model_locked(spec, seed)
+}
+
+/// [`seeded_model`] for a test that already holds [`rng_lock`].
+fn seeded_model_locked(spec: LeukNetSpec, seed: i64) -> LeukNet {
     tch::manual_seed(seed);
     LeukNet::new(spec, Device::Cpu).expect("model builds")
 }
@@ -344,9 +355,12 @@ fn freezing_trains_exactly_the_intended_variables() {
         for (_, mut t) in model.vs.variables() {
             t.zero_grad();
         }
-        let loss = model
-            .forward_t(&x, true)
-            .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, tch::Reduction::Mean);
+        let loss = {
+            let _rng = rng_lock(); // dropout draws from the shared RNG
+            model
+                .forward_t(&x, true)
+                .binary_cross_entropy_with_logits::<Tensor>(&y, None, None, tch::Reduction::Mean)
+        };
         loss.backward();
         for name in &all {
             let grad = vars[name].grad();
@@ -395,8 +409,10 @@ fn staged_forward_equals_the_full_forward() {
         assert!(feats.min().double_value(&[]) >= 0.0);
         // Dropout only in train mode.
         assert_eq!(max_abs_diff(&model.forward_t(&x, false), &full), 0.0);
-        let a = model.forward_t(&x, true);
-        let b = model.forward_t(&x, true);
+        let (a, b) = {
+            let _rng = rng_lock(); // dropout draws from the shared RNG
+            (model.forward_t(&x, true), model.forward_t(&x, true))
+        };
         assert!(
             max_abs_diff(&a, &b) > 0.0,
             "dropout is active in train mode"
@@ -443,7 +459,9 @@ fn tiny_model_overfits_16_real_images() {
         return;
     };
     let t = Instant::now();
-    let model = seeded_model(tiny_spec_at(size), 7);
+    // Held for the whole run: dropout draws from the global RNG too.
+    let _rng = rng_lock();
+    let model = seeded_model_locked(tiny_spec_at(size), 7);
     let x = batch(&images, size);
     let y = Tensor::from_slice(&labels).view([-1, 1]);
     let eval_loss = || {
@@ -655,7 +673,9 @@ fn export_with_fp16_and_int8_storage_is_exact_on_rounded_weights() {
     let Some((images, _)) = real_images(4, 224) else {
         return;
     };
-    let model = seeded_model(tiny_spec(), 10);
+    // rounded_copy builds (randomly initialised) models: keep other tests' seeding intact.
+    let _rng = rng_lock();
+    let model = seeded_model_locked(tiny_spec(), 10);
     let dir = tempfile::tempdir().expect("tempdir");
     let fp32 = export(
         &model,
