@@ -603,14 +603,17 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         if ctx.images.images[i].is_none() {
             continue;
         }
-        let Ok(p) = std::fs::read(&s.path).map_err(|e| e.to_string()).and_then(|b| {
-            leuknet::preprocess::preprocess(
-                &b,
-                leuknet::train::pipeline::SIZE as u32,
-                &leuknet::preprocess::Limits::default(),
-            )
+        let Ok(p) = std::fs::read(&s.path)
             .map_err(|e| e.to_string())
-        }) else {
+            .and_then(|b| {
+                leuknet::preprocess::preprocess(
+                    &b,
+                    leuknet::train::pipeline::SIZE as u32,
+                    &leuknet::preprocess::Limits::default(),
+                )
+                .map_err(|e| e.to_string())
+            })
+        else {
             continue;
         };
         let chw = leuknet::train::pipeline::finish_view(p.tensor, &opts.color_norm);
