@@ -52,6 +52,10 @@ pub struct FeatureRun {
     /// PCA components used (0 = none).
     pub components: usize,
     pub n_test: usize,
+    /// How well the source dataset can be read from the same features
+    /// ([`source_predictability`]), over every sample the features were computed for.
+    #[serde(default)]
+    pub source_accuracy: Option<f64>,
 }
 
 impl FeatureRun {
@@ -70,6 +74,7 @@ impl FeatureRun {
             auc: r.auc,
             components: r.components_used,
             n_test: r.predictions.len(),
+            source_accuracy: None,
         }
     }
 }
@@ -176,6 +181,95 @@ pub fn svm_on_split(
     pca_svm(&train_x, &train_y, &test_x, &test_y, components)
 }
 
+/// Folds of [`source_predictability`].
+pub const SOURCE_FOLDS: usize = 5;
+
+/// How well the source dataset can be read from `features`: the accuracy of a nearest-centroid
+/// classifier of the dataset (features standardised over the samples used), [`SOURCE_FOLDS`]-fold
+/// by sample position, over the samples of `indices` that have features. `None` with fewer than
+/// two datasets or too few samples. (Chance is the largest dataset's share.)
+pub fn source_predictability(
+    samples: &[Sample],
+    features: &[Option<Vec<f32>>],
+    indices: &[usize],
+) -> Option<f64> {
+    let rows: Vec<(&Vec<f32>, &str)> = indices
+        .iter()
+        .filter_map(|&i| {
+            features[i]
+                .as_ref()
+                .map(|f| (f, samples[i].dataset.as_str()))
+        })
+        .collect();
+    let mut names: Vec<&str> = rows.iter().map(|r| r.1).collect();
+    names.sort_unstable();
+    names.dedup();
+    let width = rows.first()?.0.len();
+    if names.len() < 2 || rows.len() < 2 * SOURCE_FOLDS || width == 0 {
+        return None;
+    }
+    let n = rows.len() as f64;
+    let mut mean = vec![0.0f64; width];
+    for (f, _) in &rows {
+        for (m, v) in mean.iter_mut().zip(f.iter()) {
+            *m += f64::from(*v) / n;
+        }
+    }
+    let mut sd = vec![0.0f64; width];
+    for (f, _) in &rows {
+        for ((s, v), m) in sd.iter_mut().zip(f.iter()).zip(&mean) {
+            *s += (f64::from(*v) - m).powi(2) / n;
+        }
+    }
+    let scale: Vec<f64> = sd
+        .iter()
+        .map(|s| if *s > 0.0 { 1.0 / s.sqrt() } else { 0.0 })
+        .collect();
+    let z = |f: &[f32]| -> Vec<f64> {
+        f.iter()
+            .zip(&mean)
+            .zip(&scale)
+            .map(|((v, m), s)| (f64::from(*v) - m) * s)
+            .collect()
+    };
+    let zs: Vec<(Vec<f64>, usize)> = rows
+        .iter()
+        .map(|(f, d)| (z(f), names.iter().position(|x| x == d).unwrap_or(0)))
+        .collect();
+    let mut correct = 0usize;
+    for fold in 0..SOURCE_FOLDS {
+        let mut sums = vec![vec![0.0f64; width]; names.len()];
+        let mut counts = vec![0usize; names.len()];
+        for (k, (x, d)) in zs.iter().enumerate() {
+            if k % SOURCE_FOLDS != fold {
+                counts[*d] += 1;
+                for (s, v) in sums[*d].iter_mut().zip(x) {
+                    *s += v;
+                }
+            }
+        }
+        for (k, (x, d)) in zs.iter().enumerate() {
+            if k % SOURCE_FOLDS != fold {
+                continue;
+            }
+            let best = (0..names.len())
+                .filter(|&c| counts[c] > 0)
+                .map(|c| {
+                    let dist: f64 = sums[c]
+                        .iter()
+                        .zip(x)
+                        .map(|(s, v)| (s / counts[c] as f64 - v).powi(2))
+                        .sum();
+                    (c, dist)
+                })
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(c, _)| c);
+            correct += usize::from(best == Some(*d));
+        }
+    }
+    Some(correct as f64 / n)
+}
+
 /// A t-SNE plot of the features of (an even subsample of) `indices`.
 pub fn plot(
     samples: &[Sample],
@@ -203,8 +297,8 @@ pub fn markdown(runs: &[FeatureRun]) -> String {
     use super::eval_metrics::mean_std;
     let mut out = String::from(
         "\n### Feature space (paper IV-C) and the Vogado et al. baseline (paper Table VIII)\n\n\
-         | features | protocol | test set | runs | accuracy % | balanced accuracy % | AUC | kappa |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+         | features | protocol | test set | runs | accuracy % | balanced accuracy % | AUC | kappa | source readable % |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut keys: Vec<(String, String, String)> = Vec::new();
     for r in runs {
@@ -242,12 +336,17 @@ pub fn markdown(runs: &[FeatureRun]) -> String {
             }
         };
         out.push_str(&format!(
-            "| {features} | {protocol} | {split} | {} | {} | {} | {} | {} |\n",
+            "| {features} | {protocol} | {split} | {} | {} | {} | {} | {} | {} |\n",
             rows.len(),
             cell(rows.iter().map(|r| r.accuracy).collect(), 100.0, 2),
             cell(rows.iter().map(|r| r.balanced_accuracy).collect(), 100.0, 2),
             cell(rows.iter().filter_map(|r| r.auc).collect(), 1.0, 3),
             cell(rows.iter().map(|r| r.kappa).collect(), 1.0, 3),
+            cell(
+                rows.iter().filter_map(|r| r.source_accuracy).collect(),
+                100.0,
+                1
+            ),
         ));
     }
     out
@@ -263,10 +362,13 @@ pub fn frozen_baseline(
     seed: u64,
 ) -> Result<Vec<FeatureRun>> {
     let mut runs = Vec::new();
+    let all: Vec<usize> = (0..samples.len()).collect();
+    let source_accuracy = source_predictability(samples, features, &all);
     for (protocol, splits) in [("lodo", lodo), ("kfold", kfold)] {
         for split in splits {
             let r = svm_on_split(samples, features, split)?;
-            let run = FeatureRun::new(name, protocol, split, seed, &r);
+            let mut run = FeatureRun::new(name, protocol, split, seed, &r);
+            run.source_accuracy = source_accuracy;
             tracing::info!(
                 features = name,
                 protocol,
@@ -289,5 +391,44 @@ pub fn leuknet_run(
     seed: u64,
 ) -> Result<FeatureRun> {
     let r = svm_on_split(samples, features, split)?;
-    Ok(FeatureRun::new(LEUKNET_FEATURES, "lodo", split, seed, &r))
+    let mut run = FeatureRun::new(LEUKNET_FEATURES, "lodo", split, seed, &r);
+    let all: Vec<usize> = split.train.iter().chain(&split.test).copied().collect();
+    run.source_accuracy = source_predictability(samples, features, &all);
+    Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dataset: &str, k: usize) -> Sample {
+        Sample {
+            dataset: dataset.into(),
+            path: std::path::PathBuf::from(format!("{dataset}/{k}.png")),
+            label: (k % 2) as u8,
+            fine_label: String::new(),
+            patient: None,
+            sha256: format!("{dataset}-{k}"),
+        }
+    }
+
+    #[test]
+    fn source_is_readable_from_separated_features_and_not_from_identical_ones() {
+        let samples: Vec<Sample> = (0..40)
+            .map(|k| sample(if k < 20 { "a" } else { "b" }, k))
+            .collect();
+        let all: Vec<usize> = (0..samples.len()).collect();
+        let separated: SampleFeatures = (0..40)
+            .map(|k| Some(vec![if k < 20 { 0.0 } else { 10.0 } + (k % 3) as f32, 1.0]))
+            .collect();
+        assert_eq!(source_predictability(&samples, &separated, &all), Some(1.0));
+        let identical: SampleFeatures = (0..40).map(|_| Some(vec![1.0, 2.0])).collect();
+        let acc = source_predictability(&samples, &identical, &all).expect("computed");
+        assert!((acc - 0.5).abs() < 1e-9, "ties fall to one class: {acc}");
+        let one_source: Vec<usize> = (0..20).collect();
+        assert_eq!(
+            source_predictability(&samples, &separated, &one_source),
+            None
+        );
+    }
 }
