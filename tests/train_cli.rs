@@ -100,7 +100,9 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
     for r in features {
         let acc = r["accuracy"].as_f64().expect("accuracy");
         assert!((0.0..=1.0).contains(&acc), "{r}");
-        let source = r["source_accuracy"].as_f64().expect("source predictability");
+        let source = r["source_accuracy"]
+            .as_f64()
+            .expect("source predictability");
         assert!((0.0..=1.0).contains(&source), "{r}");
     }
     for png in ["tsne-untrained-gap.png", "tsne-lodo-ALL-IDB2.png"] {
