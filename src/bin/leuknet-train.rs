@@ -284,25 +284,12 @@ fn options(a: &RunArgs, seed: u64) -> TrainOptions {
     }
 }
 
-fn limit(samples: Vec<data::Sample>, per_class: Option<usize>) -> Vec<data::Sample> {
-    let Some(n) = per_class else { return samples };
-    let mut count = std::collections::HashMap::new();
-    samples
-        .into_iter()
-        .filter(|s| {
-            let c = count.entry((s.dataset.clone(), s.label)).or_insert(0usize);
-            *c += 1;
-            *c <= n
-        })
-        .collect()
-}
-
 fn run(a: RunArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)?;
     let device = device_from(&a.device)?;
     let (samples, mut data_report) = data::load_manifest(&a.manifest)?;
     let samples = data::dedup(samples, &mut data_report);
-    let samples = limit(samples, a.limit_per_class);
+    let samples = data::limit_per_class(samples, a.limit_per_class);
     let rules = data::load_rules(&a.rules)?;
     eprintln!("data: {} samples; {}", samples.len(), data_report.summary());
     let (images, problems) = prepare_images(&samples, &rules);

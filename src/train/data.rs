@@ -1572,6 +1572,20 @@ impl<'a> GroupStream<'a> {
     }
 }
 
+/// Keeps at most `per_class` samples per (dataset, label), in order.
+pub fn limit_per_class(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sample> {
+    let Some(n) = per_class else { return samples };
+    let mut count = HashMap::new();
+    samples
+        .into_iter()
+        .filter(|s| {
+            let c = count.entry((s.dataset.clone(), s.label)).or_insert(0usize);
+            *c += 1;
+            *c <= n
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,7 +119,7 @@ pub fn load_samples(
     let (samples, mut report) = data::load_manifest(manifest)?;
     let samples = data::dedup(samples, &mut report);
     Ok((
-        super::pack::limit_per_class(samples, limit_per_class),
+        super::data::limit_per_class(samples, limit_per_class),
         report,
     ))
 }

@@ -14,7 +14,7 @@
 //! [`write_parts`] / [`join_parts`] cut any file into numbered parts of a bounded size and put
 //! it back together, checking its sha256 (for the trained weights coming back).
 
-use super::data::{self, apply_rules, DatasetRules, Sample};
+use super::data::{self, apply_rules, DatasetRules};
 use crate::model_card::sha256_hex;
 use crate::preprocess::{preprocess, Limits};
 use serde::{Deserialize, Serialize};
@@ -170,20 +170,6 @@ fn safe_name(s: &str) -> String {
         .collect()
 }
 
-/// Keeps at most `per_class` samples per (dataset, label), in order.
-pub fn limit_per_class(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sample> {
-    let Some(n) = per_class else { return samples };
-    let mut count = HashMap::new();
-    samples
-        .into_iter()
-        .filter(|s| {
-            let c = count.entry((s.dataset.clone(), s.label)).or_insert(0usize);
-            *c += 1;
-            *c <= n
-        })
-        .collect()
-}
-
 /// The preprocessed, masked image as interleaved RGB u8 (`PACK_SIZE`^2 * 3), and the CHW u8
 /// planes it came from.
 fn prepare_one(bytes: &[u8], rules: Option<&DatasetRules>) -> Result<(Vec<u8>, Vec<u8>), String> {
@@ -286,7 +272,7 @@ pub fn pack(opts: &PackOptions) -> Result<PackReport, PackError> {
     std::fs::create_dir_all(&opts.out).map_err(io(&opts.out))?;
     let (samples, mut report) = data::load_manifest(&opts.manifest)?;
     let samples = data::dedup(samples, &mut report);
-    let samples = limit_per_class(samples, opts.limit_per_class);
+    let samples = data::limit_per_class(samples, opts.limit_per_class);
     let rules = data::load_rules(&opts.rules)?;
     let mut problems: Vec<String> = report
         .problems
