@@ -323,6 +323,62 @@ fn write_card(card: &ModelCard, path: &Path) -> std::io::Result<()> {
     std::fs::write(path, json)
 }
 
+/// The data's provenance for the card: `SOURCES.md` beside the manifest (origin, citation and
+/// terms of each dataset), verbatim with its sha256, or a note that it was not found.
+pub fn card_data_sources(manifest: &Path) -> serde_json::Value {
+    let path = manifest.with_file_name("SOURCES.md");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::json!({
+            "file": path,
+            "sha256": crate::model_card::sha256_hex(text.as_bytes()),
+            "text": text,
+        }),
+        Err(e) => serde_json::json!({"file": path, "error": e.to_string()}),
+    }
+}
+
+/// The card's known limits (shared by every export path): the measured LODOCV transfer, then what is known of the data.
+pub fn card_limitations(
+    lodo: &serde_json::Map<String, serde_json::Value>,
+    seeds: u64,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if !lodo.is_empty() {
+        let figures: Vec<String> = lodo
+            .iter()
+            .map(|(set, s)| {
+                let pct = |k: &str| {
+                    s[k]["mean"]
+                        .as_f64()
+                        .map_or("n/a".into(), |v| format!("{:.1} %", v * 100.0))
+                };
+                format!(
+                    "{set} {} (AUC {})",
+                    pct("balanced_accuracy"),
+                    s["auc"]["mean"]
+                        .as_f64()
+                        .map_or("n/a".into(), |v| format!("{v:.3}"))
+                )
+            })
+            .collect();
+        out.push(format!(
+            "Transfer to an unseen laboratory is measured by leaving one dataset out (LODOCV): balanced accuracy {}. Expect near-chance answers on images from a source unlike the training sets.",
+            figures.join(", ")
+        ));
+    }
+    out.extend([
+        "Trained on six small public datasets only; two of the three sets holding leukemic images are single-cell crops and one (ALL-Aria2021) whole low-magnification fields.".to_string(),
+        "The ALL-IDB2 copy used is a ~103 px JPEG re-encode of the original 257x257 TIFF cells; DeepAPL labels are per cell type (a leukemic patient's normal-looking cells are labelled as their type), not per patient diagnosis.".to_string(),
+        if seeds < 2 {
+            "Every LODOCV figure is from one seed: no variance across seeds is known.".to_string()
+        } else {
+            format!("LODOCV figures are mean ± std over {seeds} seeds.")
+        },
+        "Research use only: not a medical device, not validated for clinical use.".to_string(),
+    ]);
+    out
+}
+
 /// Streams the graph to `path` while hashing it; returns the sha256.
 fn write_onnx(
     spec: &LeukNetSpec,

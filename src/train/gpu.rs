@@ -407,6 +407,7 @@ pub fn export_checkpoint(opts: &ExportCheckpointOptions) -> Result<ExportReport,
     let mut lodo = serde_json::Map::new();
     let mut checks = Vec::new();
     let mut kfold = Vec::new();
+    let mut lodo_seeds = std::collections::BTreeSet::new();
     if let Some(r) = &opts.report {
         let rep = report::read_json(r).map_err(|e| ferr(r, format!("{e:#}")))?;
         for (key, s) in report::summaries_by_split(&rep.runs) {
@@ -418,6 +419,9 @@ pub fn export_checkpoint(opts: &ExportCheckpointOptions) -> Result<ExportReport,
             }
         }
         for run in &rep.runs {
+            if run.protocol == PROTOCOL_LODO {
+                lodo_seeds.insert(run.seed);
+            }
             if let Some(c) = &run.storage_check {
                 checks.push(serde_json::json!({"protocol": run.protocol, "test_set": run.split, "seed": run.seed, "check": c}));
             }
@@ -455,6 +459,7 @@ pub fn export_checkpoint(opts: &ExportCheckpointOptions) -> Result<ExportReport,
             "trained_on": info.device,
             "returned_weights": {"storage": info.storage, "file": info.weights.file, "sha256": info.weights.sha256},
             "train_hash": info.train_hash,
+            "data_sources": super::export::card_data_sources(&opts.manifest),
         }),
         metrics: serde_json::json!({
             "lodo": lodo,
@@ -469,6 +474,7 @@ pub fn export_checkpoint(opts: &ExportCheckpointOptions) -> Result<ExportReport,
         pretrained_weights: opts
             .imagenet_init
             .then(|| super::vgg_import::PROVENANCE.to_string()),
+        limitations: super::export::card_limitations(&lodo, lodo_seeds.len() as u64),
         ..ExportCard::default()
     };
     Ok(export(
