@@ -66,6 +66,22 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
         .expect("leuknet-train runs");
     assert!(status.success(), "leuknet-train run failed: {status}");
 
+    // Every run's checkpoint keeps the domain adversary beside the model, so a resumed run
+    // goes on against the same source classifier (it once restarted from random weights).
+    let ckpts: Vec<_> = std::fs::read_dir(out.path().join("checkpoints"))
+        .expect("checkpoints")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(ckpts.len() >= 4, "final + 3 LODOCV checkpoints: {ckpts:?}");
+    for dir in &ckpts {
+        for file in ["latest.safetensors", "domain.safetensors"] {
+            let len = std::fs::metadata(dir.join(file))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            assert!(len > 0, "{} has no {file}", dir.display());
+        }
+    }
+
     // LODOCV with the int8 check on every held-out set.
     let report = json(&out.path().join("report.json"));
     let runs = report["runs"].as_array().expect("runs");

@@ -6,7 +6,8 @@
 #                                     #         write reports and int8 weight parts into $OUT
 #
 # Environment: OUT (required: where results go; at most 8 files of <= 16 MiB come back),
-# BUDGET_S (wall seconds this call may use, default 540 for `run`, 200 for `stage1`), TINY=1 (CPU test:
+# BUDGET_S (wall seconds this call may use, default 540 for `run`, 200 for `stage1`), PIPELINE_FACTOR
+# (measured real step / estimated step, default 1.8), RESERVE (seconds kept back), TINY=1 (CPU test:
 # --device cpu, width/16, scratch init, 1 epoch), EPOCHS / VIEWS (override the plan), STAGE (default
 # <repo>/.gpu), KEEP (persistent folder on the machine between warm calls, default /tmp/leuknet-gpu).
 set -uo pipefail
@@ -114,13 +115,15 @@ STEP_MS=${STEP_MS:-60}; AUG_MS=${AUG_MS:-3.5}; EVAL_MS=${EVAL_MS:-15}
 if [ -s "$WORK/plan.env" ]; then
   . "$WORK/plan.env"; say "resuming with the earlier plan: $(cat "$WORK/plan.env" | tr '\n' ' ')"
 else
-  # A step costs the measured GPU step plus a batch of views drawn on every core plus the copy.
-  # Evaluation: each model predicts its training set once (threshold) and its test set 3 times.
+  # A step costs the measured GPU step plus a batch of views drawn on every core plus the copy,
+  # times PIPELINE_FACTOR: on the H200 (2026-11-28) that estimate was 40 ms but real steps took
+  # 55-78 ms (the views are not drawn while the GPU computes), so 29 planned epochs needed a
+  # third call. Evaluation: each model predicts its training set once and its test set 3 times.
   RESERVE=${RESERVE:-75}   # finalize, copies, start-up of 5 processes
   TRAIN_S=$(( $(left) - RESERVE ))
   EPOCHS=${EPOCHS:-$(awk -v s="$STEP_MS" -v a="$AUG_MS" -v e="$EVAL_MS" -v i="$IMGS" -v n="$N" -v b="$BATCH" \
-      -v c="$(nproc)" -v t="$TRAIN_S" 'BEGIN {
-        step = (s + a * b / c + 3) / 1000; per_epoch = i / b * step; evals = (4 * n) / b * e / 1000;
+      -v c="$(nproc)" -v t="$TRAIN_S" -v f="${PIPELINE_FACTOR:-1.8}" 'BEGIN {
+        step = f * (s + a * b / c + 3) / 1000; per_epoch = i / b * step; evals = (4 * n) / b * e / 1000;
         ep = int((t * 0.85 - evals) / per_epoch); if (ep > 50) ep = 50; if (ep < 1) ep = 1; print ep }')}
   VIEWS=${VIEWS:-20}
   [ "$TINY" = 1 ] && { EPOCHS=1; VIEWS=2; }

@@ -56,7 +56,7 @@ pub struct TrainOptions {
     /// read from (Ganin & Lempitsky 2015). As there, λ ramps up as `λ (2 / (1 + e^(-10 p)) - 1)`
     /// over training progress `p`; the domain head sees L2-normalised features, so the reversed
     /// gradient cannot be satisfied by inflating the features (which diverged to NaN without
-    /// it). The domain head is not exported or checkpointed.
+    /// it). The domain head is checkpointed with the model (`domain.safetensors`), never exported.
     #[serde(default)]
     pub domain_adversarial: f64,
 }
@@ -163,7 +163,7 @@ fn hash_indices(samples: &[Sample], idx: &[usize]) -> String {
 /// The domain classifier of [`TrainOptions::domain_adversarial`]: one Linear from the
 /// penultimate features to the training sources, behind a gradient reversal.
 struct DomainHead {
-    _vs: tch::nn::VarStore,
+    vs: tch::nn::VarStore,
     linear: tch::nn::Linear,
     opt: std::cell::RefCell<tch::nn::Optimizer>,
     /// Source index of each training sample (by sample index).
@@ -207,7 +207,7 @@ impl DomainHead {
         }
         .build(&vs, opts.lr)?;
         Ok(Self {
-            _vs: vs,
+            vs,
             linear,
             opt: std::cell::RefCell::new(opt),
             source,
@@ -233,6 +233,23 @@ impl DomainHead {
         self.linear
             .forward(&reversed)
             .cross_entropy_for_logits(&target)
+    }
+
+    /// Saves the source classifier next to the model's checkpoint.
+    fn save(&self, path: &Path) -> Result<(), TrainError> {
+        self.vs.save(path).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Restores the source classifier saved by [`DomainHead::save`], so that a resumed run
+    /// goes on against the same adversary (its momentum restarts at zero, as the model's).
+    fn load(&mut self, path: &Path) -> Result<(), TrainError> {
+        self.vs.load(path).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -314,9 +331,17 @@ pub fn train(
     .build(&model.vs, opts.lr)?;
 
     let steps_per_epoch = train.len().div_ceil(opts.batch.max(1));
-    let domain = (opts.domain_adversarial > 0.0)
+    let mut domain = (opts.domain_adversarial > 0.0)
         .then(|| DomainHead::new(ctx, &train, &model, opts))
         .transpose()?;
+    let domain_ckpt = ckpt
+        .as_ref()
+        .map(|c| c.with_file_name("domain.safetensors"));
+    if let (Some(d), Some(path)) = (domain.as_mut(), &domain_ckpt) {
+        if start_epoch > 0 && path.exists() {
+            d.load(path)?;
+        }
+    }
     for epoch in start_epoch..opts.epochs {
         let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed ^ ((epoch as u64 + 1) << 32));
         let batches: Vec<Vec<usize>> = if opts.balanced {
@@ -392,6 +417,9 @@ pub fn train(
                 })?;
             }
             model.save_safetensors(ckpt)?;
+            if let (Some(d), Some(path)) = (&domain, &domain_ckpt) {
+                d.save(path)?;
+            }
             let state = CheckpointState {
                 options: opts.clone(),
                 train_hash: train_hash.clone(),

@@ -744,6 +744,23 @@ pub fn run_pack(a: PackArgs) -> Result<(), GpuError> {
     Ok(())
 }
 
+/// Plots a returned GPU run's report (loss curves, ROC, confusion matrices) into `dir`, as
+/// `leuknet-train run` does for a run made here.
+pub fn plot_report(report_json: &Path, dir: &Path) -> Result<(), GpuError> {
+    let report = report::read_json(report_json).map_err(|e| ferr(report_json, e))?;
+    type Plot = fn(&[report::RunRecord], &Path) -> anyhow::Result<()>;
+    let plots: [(&str, Plot); 3] = [
+        ("curves.png", report::plot_training_curves),
+        ("roc.png", report::plot_roc),
+        ("confusion.png", report::plot_confusion_matrices),
+    ];
+    for (file, plot) in plots {
+        let path = dir.join(file);
+        plot(&report.runs, &path).map_err(|e| ferr(&path, e))?;
+    }
+    Ok(())
+}
+
 /// Runs one `leuknet-train gpu ...` command; prints its result as JSON.
 pub fn run_gpu(cmd: GpuCommand) -> Result<(), GpuError> {
     let out = match cmd {
@@ -787,16 +804,19 @@ pub fn run_gpu(cmd: GpuCommand) -> Result<(), GpuError> {
         } => {
             let r = export_checkpoint(&ExportCheckpointOptions {
                 weights_dir,
-                report,
+                report: report.clone(),
                 manifest,
                 rules,
                 reference_per_class,
-                export_dir,
+                export_dir: export_dir.clone(),
                 name,
                 version,
                 storage,
                 imagenet_init: !scratch,
             })?;
+            if let Some(path) = report {
+                plot_report(&path, &export_dir)?;
+            }
             serde_json::to_value(r).unwrap_or_default()
         }
         GpuCommand::Bench {
