@@ -181,7 +181,10 @@ fn pack_two_calls_and_export_with_parity() {
         serde_json::from_str(&std::fs::read_to_string(export.join("leuknet.json")).unwrap())
             .unwrap();
     assert!(card["metrics"]["lodo"]["ALL-IDB2"].is_object(), "{card}");
-    // The returned report is plotted here, as a run made here would be.
+    // The returned report is tabulated and plotted here, as a run made here would be.
+    assert!(std::fs::read_to_string(export.join("table.md"))
+        .unwrap_or_default()
+        .contains("### LODOCV, every metric"));
     for png in ["curves.png", "roc.png", "confusion.png"] {
         let bytes = std::fs::read(export.join(png)).unwrap_or_default();
         assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");

@@ -98,6 +98,27 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
     }
     let table = std::fs::read_to_string(out.path().join("table.md")).expect("table");
     assert!(table.contains("### Weight storage"), "{table}");
+    assert!(table.contains("### LODOCV, every metric"), "{table}");
+
+    // `leuknet-train report` writes the same table and the plots again from report.json alone.
+    let again = out.path().join("again");
+    let status = Command::new(env!("CARGO_BIN_EXE_leuknet-train"))
+        .args(["report", "--report"])
+        .arg(out.path().join("report.json"))
+        .arg("--out-dir")
+        .arg(&again)
+        .status()
+        .expect("leuknet-train report runs");
+    assert!(status.success(), "leuknet-train report failed: {status}");
+    assert_eq!(
+        std::fs::read_to_string(again.join("table.md")).expect("table again"),
+        table
+    );
+    for png in ["curves.png", "roc.png", "confusion.png"] {
+        assert!(std::fs::read(again.join(png))
+            .unwrap_or_default()
+            .starts_with(b"\x89PNG"));
+    }
 
     // Feature protocol: the frozen-feature baseline (random conv weights here: scratch init at
     // width/16, so it is named untrained-gap, not imagenet-gap) under LODOCV and 2-fold, and

@@ -420,6 +420,39 @@ fn markdown_table_has_the_right_rows_and_columns() {
     assert_eq!(row.len(), header.len());
     assert_eq!(row[8], "5");
 
+    // Every LODOCV metric: one row per test set, mean ± std over its seeds.
+    let every = table_lines(&md, "### LODOCV, every metric");
+    assert_eq!(
+        every.len(),
+        2 + 3,
+        "header, separator, three test sets:\n{md}"
+    );
+    let header = cells(&every[0]);
+    assert_eq!(header[1], "test set");
+    assert_eq!(header[11], "ECE");
+    let row = cells(&every[2]);
+    assert_eq!(row.len(), header.len());
+    assert_eq!(
+        (row[1].as_str(), row[2].as_str(), row[3].as_str()),
+        ("ALL-IDB1", "60", "3")
+    );
+    let of = |f: fn(&RunRecord) -> f64| {
+        let v: Vec<f64> = report
+            .runs
+            .iter()
+            .filter(|r| r.protocol == "lodo" && r.split == "ALL-IDB1")
+            .map(f)
+            .collect();
+        mean_std(&v)
+    };
+    let bal = of(|r| r.metrics.balanced_accuracy);
+    assert_eq!(
+        row[5],
+        format!("{:.2} ± {:.2}", bal.mean * 100.0, bal.std * 100.0)
+    );
+    let ece = of(|r| r.metrics.ece);
+    assert_eq!(row[11], format!("{:.3} ± {:.3}", ece.mean, ece.std));
+
     // Several configurations: one row each; a missing test set shows n/a.
     let mut other = sample_report();
     other.config = serde_json::json!({"name": "ResNet50 | mDFT"});

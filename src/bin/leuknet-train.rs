@@ -55,6 +55,16 @@ enum Command {
     /// The steps around a GPU run: widen, finalize, export-checkpoint, bench.
     #[command(subcommand)]
     Gpu(leuknet::train::gpu::GpuCommand),
+    /// Writes the tables (table.md), plots and epochs.csv of a report.json again, e.g. of a run
+    /// made on the GPU machine or after the table format changed.
+    Report {
+        /// The report.json to read.
+        #[arg(long, env = "LEUKNET_TRAIN_REPORT")]
+        report: PathBuf,
+        /// Folder to write into (created if missing).
+        #[arg(long, env = "LEUKNET_TRAIN_REPORT_OUT")]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -252,6 +262,14 @@ fn main() -> Result<()> {
         Command::Run(args) => run(*args),
         Command::Pack(args) => Ok(leuknet::train::gpu::run_pack(args)?),
         Command::Gpu(cmd) => Ok(leuknet::train::gpu::run_gpu(cmd)?),
+        Command::Report { report, out_dir } => {
+            report::write_outputs(&report::read_json(&report)?, &out_dir)?;
+            println!(
+                "wrote table.md, curves.png, roc.png, confusion.png, epochs.csv to {}",
+                out_dir.display()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -421,7 +439,7 @@ fn run(a: RunArgs) -> Result<()> {
                     decision.threshold
                 );
                 report.runs.push(record);
-                write_outputs(&report, &a.out)?;
+                report::write_outputs(&report, &a.out)?;
                 if want_features && *protocol == Protocol::Lodo {
                     let features = feature_protocol::penultimate(&ctx, &model, &opts, split);
                     let run = feature_protocol::leuknet_run(&samples, &features, split, seed)?;
@@ -443,7 +461,7 @@ fn run(a: RunArgs) -> Result<()> {
     if a.protocols.contains(&Protocol::Final) {
         final_model(&a, &ctx, &report, rule)?;
     }
-    write_outputs(&report, &a.out)?;
+    report::write_outputs(&report, &a.out)?;
     Ok(())
 }
 
@@ -476,29 +494,6 @@ fn write_feature_outputs(runs: &[feature_protocol::FeatureRun], out: &Path) -> R
         serde_json::to_string_pretty(runs)? + "\n",
     )?;
     std::fs::write(out.join("features.md"), feature_protocol::markdown(runs))?;
-    Ok(())
-}
-
-fn write_outputs(report: &Report, out: &Path) -> Result<()> {
-    report::write_json(report, &out.join("report.json"))?;
-    let mut table = report::markdown_table_iv(report);
-    table.push_str(&report::markdown_storage_checks(&report.runs));
-    std::fs::write(out.join("table.md"), table)?;
-    if !report.runs.is_empty() {
-        report::plot_training_curves(&report.runs, &out.join("curves.png"))?;
-        report::plot_roc(&report.runs, &out.join("roc.png"))?;
-        report::plot_confusion_matrices(&report.runs, &out.join("confusion.png"))?;
-        let mut csv = String::from("protocol,split,seed,epoch,train_loss\n");
-        for r in &report.runs {
-            for e in &r.curve {
-                csv.push_str(&format!(
-                    "{},{},{},{},{}\n",
-                    r.protocol, r.split, r.seed, e.epoch, e.train_loss
-                ));
-            }
-        }
-        std::fs::write(out.join("epochs.csv"), csv)?;
-    }
     Ok(())
 }
 

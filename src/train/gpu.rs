@@ -744,23 +744,6 @@ pub fn run_pack(a: PackArgs) -> Result<(), GpuError> {
     Ok(())
 }
 
-/// Plots a returned GPU run's report (loss curves, ROC, confusion matrices) into `dir`, as
-/// `leuknet-train run` does for a run made here.
-pub fn plot_report(report_json: &Path, dir: &Path) -> Result<(), GpuError> {
-    let report = report::read_json(report_json).map_err(|e| ferr(report_json, e))?;
-    type Plot = fn(&[report::RunRecord], &Path) -> anyhow::Result<()>;
-    let plots: [(&str, Plot); 3] = [
-        ("curves.png", report::plot_training_curves),
-        ("roc.png", report::plot_roc),
-        ("confusion.png", report::plot_confusion_matrices),
-    ];
-    for (file, plot) in plots {
-        let path = dir.join(file);
-        plot(&report.runs, &path).map_err(|e| ferr(&path, e))?;
-    }
-    Ok(())
-}
-
 /// Runs one `leuknet-train gpu ...` command; prints its result as JSON.
 pub fn run_gpu(cmd: GpuCommand) -> Result<(), GpuError> {
     let out = match cmd {
@@ -815,7 +798,9 @@ pub fn run_gpu(cmd: GpuCommand) -> Result<(), GpuError> {
                 imagenet_init: !scratch,
             })?;
             if let Some(path) = report {
-                plot_report(&path, &export_dir)?;
+                // The returned report's tables and plots, as a run made here writes them.
+                let rep = report::read_json(&path).map_err(|e| ferr(&path, e))?;
+                report::write_outputs(&rep, &export_dir).map_err(|e| ferr(&export_dir, e))?;
             }
             serde_json::to_value(r).unwrap_or_default()
         }

@@ -221,6 +221,61 @@ pub fn markdown_table_iv_rows(rows: &[(&str, &Report)]) -> String {
         ));
     }
 
+    if !test_sets.is_empty() {
+        out.push_str("\n### LODOCV, every metric\n\n");
+        let header: Vec<String> = [
+            "model",
+            "test set",
+            "n",
+            "runs",
+            "accuracy %",
+            "bal. acc. %",
+            "precision %",
+            "recall %",
+            "specificity %",
+            "F1 %",
+            "AUC",
+            "ECE",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        push_row(&mut out, &header);
+        push_row(&mut out, &vec!["---".to_string(); header.len()]);
+        for (label, r) in rows {
+            for t in &test_sets {
+                let m: Vec<BinaryMetrics> = r
+                    .runs
+                    .iter()
+                    .filter(|x| x.protocol == PROTOCOL_LODO && &x.split == t)
+                    .map(|x| x.metrics.clone())
+                    .collect();
+                if m.is_empty() {
+                    continue;
+                }
+                let s = summarize(&m);
+                push_row(
+                    &mut out,
+                    &[
+                        esc(label),
+                        esc(t),
+                        format!("{:.0}", s.n.mean),
+                        s.runs.to_string(),
+                        pct_cell(&s.accuracy),
+                        pct_cell(&s.balanced_accuracy),
+                        pct_cell(&s.precision),
+                        pct_cell(&s.recall),
+                        pct_cell(&s.specificity),
+                        pct_cell(&s.f1),
+                        frac_cell(&s.auc),
+                        frac_cell(&s.ece),
+                    ],
+                );
+            }
+        }
+        out.push_str("\nMean ± sample std over the runs (seeds); ECE: 10 equal-width bins.\n");
+    }
+
     out.push_str("\n### Stratified k-fold\n\n");
     let any_kfold = rows
         .iter()
@@ -822,6 +877,32 @@ pub(crate) fn blend(a: RGBColor, b: RGBColor, t: f64) -> RGBColor {
 
 pub(crate) fn plot_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> anyhow::Error {
     anyhow::Error::new(e).context("plotting")
+}
+
+/// Writes `report.json`, `table.md` (Table IV layout, every LODOCV metric, k-fold, weight
+/// storage checks), `curves.png`, `roc.png`, `confusion.png` and `epochs.csv` into `out`.
+pub fn write_outputs(report: &Report, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    write_json(report, &out.join("report.json"))?;
+    let mut table = markdown_table_iv(report);
+    table.push_str(&markdown_storage_checks(&report.runs));
+    std::fs::write(out.join("table.md"), table)?;
+    if !report.runs.is_empty() {
+        plot_training_curves(&report.runs, &out.join("curves.png"))?;
+        plot_roc(&report.runs, &out.join("roc.png"))?;
+        plot_confusion_matrices(&report.runs, &out.join("confusion.png"))?;
+        let mut csv = String::from("protocol,split,seed,epoch,train_loss\n");
+        for r in &report.runs {
+            for e in &r.curve {
+                csv.push_str(&format!(
+                    "{},{},{},{},{}\n",
+                    r.protocol, r.split, r.seed, e.epoch, e.train_loss
+                ));
+            }
+        }
+        std::fs::write(out.join("epochs.csv"), csv)?;
+    }
+    Ok(())
 }
 
 /// Mean ± std of every metric per `(protocol, split)`, keyed `"protocol/split"`; handy
