@@ -160,4 +160,53 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
             .map(Vec::len),
         Some(3)
     );
+
+    // More seeds of the recipe later: `card-metrics` puts their mean ± std into the card and
+    // leaves the model (and the card's sha256 of it) alone. A second "seed" with balanced
+    // accuracy 0.5 on every set stands in for one.
+    let mut report = json(&out.path().join("report.json"));
+    let runs = report["runs"].as_array_mut().expect("runs");
+    let extra: Vec<serde_json::Value> = runs
+        .iter()
+        .filter(|r| r["protocol"] == "lodo")
+        .map(|r| {
+            let mut r = r.clone();
+            r["seed"] = serde_json::json!(r["seed"].as_u64().unwrap_or(0) + 100);
+            r["metrics"]["balanced_accuracy"] = serde_json::json!(0.5);
+            r
+        })
+        .collect();
+    runs.extend(extra);
+    let report2 = out.path().join("report-2-seeds.json");
+    std::fs::write(&report2, report.to_string()).expect("write report");
+    let status = Command::new(env!("CARGO_BIN_EXE_leuknet-train"))
+        .args(["card-metrics", "--card"])
+        .arg(export.join("leuknet.json"))
+        .arg("--report")
+        .arg(&report2)
+        .status()
+        .expect("leuknet-train card-metrics runs");
+    assert!(status.success(), "card-metrics failed: {status}");
+    let updated = json(&export.join("leuknet.json"));
+    let first = card["metrics"]["lodo"]["ALL-IDB2"]["balanced_accuracy"]["mean"]
+        .as_f64()
+        .expect("first seed");
+    let both = &updated["metrics"]["lodo"]["ALL-IDB2"]["balanced_accuracy"];
+    assert_eq!(both["n"], 2, "{both}");
+    assert!((both["mean"].as_f64().expect("mean") - (first + 0.5) / 2.0).abs() < 1e-12);
+    assert_eq!(
+        updated["metrics"]["lodo_report"]["seeds"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(updated["sha256"], card["sha256"]);
+    assert_eq!(
+        updated["metrics"]["reference_predictions"],
+        card["metrics"]["reference_predictions"]
+    );
+    let limits = updated["limitations"].to_string();
+    assert!(limits.contains("over 2 seeds"), "{limits}");
+    leuknet::model_card::ModelCard::load(&export.join("leuknet.json"))
+        .expect("the server still loads it");
 }

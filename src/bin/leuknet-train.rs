@@ -55,6 +55,20 @@ enum Command {
     /// The steps around a GPU run: widen, finalize, export-checkpoint, bench.
     #[command(subcommand)]
     Gpu(leuknet::train::gpu::GpuCommand),
+    /// Replaces a model card's LODOCV figures with the mean ± std over every seed of a
+    /// report.json of the same recipe (the ONNX file is untouched).
+    CardMetrics {
+        /// The model card to update in place.
+        #[arg(
+            long,
+            env = "LEUKNET_TRAIN_CARD",
+            default_value = "models/leuknet.json"
+        )]
+        card: PathBuf,
+        /// The report.json with the LODOCV runs.
+        #[arg(long, env = "LEUKNET_TRAIN_REPORT")]
+        report: PathBuf,
+    },
     /// Writes the tables (table.md), plots and epochs.csv of a report.json again, e.g. of a run
     /// made on the GPU machine or after the table format changed.
     Report {
@@ -262,6 +276,16 @@ fn main() -> Result<()> {
         Command::Run(args) => run(*args),
         Command::Pack(args) => Ok(leuknet::train::gpu::run_pack(args)?),
         Command::Gpu(cmd) => Ok(leuknet::train::gpu::run_gpu(cmd)?),
+        Command::CardMetrics { card, report } => {
+            let rep = report::read_json(&report)?;
+            let seeds = leuknet::train::export::refresh_card_lodo(&card, &rep, &report)?;
+            println!(
+                "{}: metrics.lodo now over {seeds} seed(s) from {}",
+                card.display(),
+                report.display()
+            );
+            Ok(())
+        }
         Command::Report { report, out_dir } => {
             report::write_outputs(&report::read_json(&report)?, &out_dir)?;
             println!(
