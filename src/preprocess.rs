@@ -17,7 +17,10 @@
 //!
 //! **Pipeline** (see [`RESIZE_METHOD`] for the words that go into the model card):
 //! 1. JPEG: jpeg-decoder with DCT-domain downscaling (1/8, 1/4, 1/2 or 1/1; only as far as
-//!    both sides stay >= `size`), then YCbCr/gray/CMYK -> RGB. PNG, TIFF, BMP: the `image`
+//!    both sides stay >= `size`), then YCbCr/gray/CMYK -> RGB. At 1/8 (both sides >= 8 x
+//!    `size`, e.g. camera frames), baseline files go through a DC-only fast path
+//!    (`preprocess/jpeg_dc.rs`) whose output is byte-identical to jpeg-decoder's and which
+//!    leaves anything it does not handle exactly to jpeg-decoder. PNG, TIFF, BMP: the `image`
 //!    crate at full size; any colour type or bit depth -> 8-bit RGB (gray replicated, alpha
 //!    dropped, 16-bit rounded to 8-bit).
 //! 2. Resize to `size`x`size`, aspect ratio not kept (as in the paper), with
@@ -27,9 +30,12 @@
 //! Not applied: EXIF/TIFF orientation, embedded ICC profiles, gamma. Only the first image of a
 //! multi-page TIFF is used.
 //!
-//! Cost: [`preprocess`] is synchronous and CPU-bound (release build, one core: about 0.2 ms
-//! for a 257x257 TIFF, 0.4 ms for a 224x224 JPEG, 20-30 ms for a 2592x1944 JPEG, which is
-//! mostly entropy decoding); run it on a blocking thread pool.
+//! Cost: [`preprocess`] is synchronous and CPU-bound (release build, one core, measured by
+//! `bench/preprocess`: about 0.4 ms for a 257x257 TIFF, 0.7 ms for a 224x224 JPEG, 15 ms
+//! for a 2592x1944 q90 4:4:4 JPEG, which is mostly entropy decoding; 35 ms before the DC-only
+//! path); run it on a blocking thread pool.
+
+mod jpeg_dc;
 
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -424,6 +430,19 @@ fn decode_jpeg(bytes: &[u8], size: u32, limits: &Limits) -> Result<Decoded, Prep
 
     if info.coding_process != jpeg_decoder::CodingProcess::Lossless {
         let s = jpeg_idct_scale(width, height, size);
+        if s == 1 && info.coding_process == jpeg_decoder::CodingProcess::DctSequential {
+            // 1/8 scale: the DC-only fast path gives jpeg-decoder's exact output in about a
+            // third of the time; it declines (None) anything it does not handle exactly.
+            if let Some((w, h, pixels)) = jpeg_dc::decode_dc_only(bytes) {
+                return Ok(Decoded {
+                    source_width: width,
+                    source_height: height,
+                    width: w,
+                    height: h,
+                    pixels,
+                });
+            }
+        }
         if s < 8 {
             let (rw, rh) = jpeg_scale_request(width, height, size, s);
             decoder.scale(rw, rh).map_err(jpeg_error)?;
@@ -497,30 +516,34 @@ fn resize_to_tensor(decoded: &Decoded, size: u32) -> Result<Vec<f32>, Preprocess
     };
     let src = ImageRef::new(decoded.width, decoded.height, buffer, pixel_type)
         .map_err(|e| internal("wrapping the decoded pixels", &e))?;
-    let mut dst = Image::new(size, size, pixel_type);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new()
-        .resize(&src, &mut dst, &options)
-        .map_err(|e| internal("resizing", &e))?;
+    let resized;
+    let out: &[u8] = if (decoded.width, decoded.height) == (size, size) {
+        // fast_image_resize would only copy the pixels (same size, no crop): use them as they are.
+        buffer
+    } else {
+        let mut dst = Image::new(size, size, pixel_type);
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| internal("resizing", &e))?;
+        resized = dst.into_vec();
+        &resized
+    };
 
     let plane = size as usize * size as usize;
-    let mut tensor = vec![0.0f32; 3 * plane];
-    let (r, gb) = tensor.split_at_mut(plane);
-    let (g, b) = gb.split_at_mut(plane);
-    let out = dst.buffer();
+    let mut tensor = Vec::with_capacity(3 * plane);
     match &decoded.pixels {
         Pixels::Gray(_) => {
-            for (o, &v) in r.iter_mut().zip(out) {
-                *o = U8_TO_UNIT[usize::from(v)];
-            }
-            g.copy_from_slice(r);
-            b.copy_from_slice(r);
+            tensor.extend(out.iter().map(|&v| U8_TO_UNIT[usize::from(v)]));
+            tensor.extend_from_within(..plane);
+            tensor.extend_from_within(..plane);
         }
         Pixels::Rgb(_) => {
-            for (((px, r), g), b) in out.chunks_exact(3).zip(r).zip(g).zip(b) {
-                *r = U8_TO_UNIT[usize::from(px[0])];
-                *g = U8_TO_UNIT[usize::from(px[1])];
-                *b = U8_TO_UNIT[usize::from(px[2])];
+            for channel in 0..3 {
+                tensor.extend(
+                    out.chunks_exact(3)
+                        .map(|px| U8_TO_UNIT[usize::from(px[channel])]),
+                );
             }
         }
     }

@@ -895,6 +895,46 @@ fn truncated_files_are_corrupt() {
     }
 }
 
+/// Camera-sized JPEGs are decoded at 1/8 through the DC-only fast path; damaged ones must
+/// still be refused exactly as jpeg-decoder refuses them (the fast path declines and hands
+/// them over) and must never panic.
+#[test]
+fn camera_sized_jpeg_truncated_or_damaged_is_corrupt_or_decoded() {
+    let bytes = encode_jpeg(&synthetic(1800, 1792), 90);
+    let intact = preprocess(&bytes, SIZE, &limits()).expect("intact camera-sized JPEG");
+    assert_eq!((intact.width, intact.height), (1800, 1792));
+    assert_plausible(&intact);
+    let len = bytes.len();
+    for cut in [
+        8,
+        200,
+        700,
+        len / 3,
+        len / 2,
+        len - len / 10,
+        len - 3,
+        len - 1,
+    ] {
+        let what = format!("JPEG of {len} bytes cut to {cut}");
+        assert_corrupt(preprocess(&bytes[..cut], SIZE, &limits()), &what);
+    }
+    let mut rng = StdRng::seed_from_u64(5);
+    for _ in 0..40 {
+        let mut m = bytes.clone();
+        for _ in 0..rng.random_range(1..=4) {
+            let at = rng.random_range(2..m.len());
+            m[at] = rng.random();
+        }
+        match preprocess(&m, SIZE, &limits()) {
+            Ok(p) => {
+                assert!(p.tensor.len() == N && p.tensor.iter().all(|v| (0.0..=1.0).contains(v)))
+            }
+            Err(PreprocessError::Corrupt(msg)) => assert!(!msg.contains("panicked"), "{msg}"),
+            Err(other) => panic!("unexpected error for a damaged JPEG: {other}"),
+        }
+    }
+}
+
 #[test]
 fn corrupted_headers_and_data_are_corrupt() {
     let files = small_files("corrupted_headers_and_data_are_corrupt");
