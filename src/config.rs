@@ -45,8 +45,24 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
-    /// Largest batch the model runs, in images.
-    #[arg(long, env = "LEUKNET_MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// ONNX Runtime's CPU memory arena (true/false): buffers kept for reuse between runs.
+    #[arg(long, env = "LEUKNET_CPU_MEM_ARENA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cpu_mem_arena: bool,
+
+    /// ONNX Runtime's memory-pattern planning (true/false): one pre-planned block per input
+    /// shape, kept between runs (off by default: it holds a block per batch size; see
+    /// bench/README.md).
+    #[arg(long, env = "LEUKNET_MEMORY_PATTERN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub memory_pattern: bool,
+
+    /// Whether ONNX Runtime's intra-op threads spin while waiting for work (true/false).
+    #[arg(long, env = "LEUKNET_INTRA_OP_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub intra_op_spinning: bool,
+
+    /// Largest batch the model runs, in images; 0 = by execution provider: 8 on CUDA,
+    /// 2 on the CPU (larger CPU batches gain no throughput and cost resident memory; see
+    /// bench/README.md).
+    #[arg(long, env = "LEUKNET_MAX_BATCH_SIZE", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub max_batch_size: u32,
 
     /// How long the batcher may wait for more images once it holds one and the batch is not
@@ -88,7 +104,31 @@ pub struct ServerConfig {
     pub log: String,
 }
 
+/// The largest batch with `--max-batch-size 0` on the CPU provider.
+pub const CPU_AUTO_MAX_BATCH: u32 = 2;
+/// The largest batch with `--max-batch-size 0` on CUDA.
+pub const CUDA_AUTO_MAX_BATCH: u32 = 8;
+
 impl ServerConfig {
+    /// The batch limit in force for `provider` (`"cpu"` or `"cuda"`): `--max-batch-size`, or
+    /// when that is 0, [`CPU_AUTO_MAX_BATCH`] / [`CUDA_AUTO_MAX_BATCH`].
+    pub fn effective_max_batch_size(&self, provider: &str) -> u32 {
+        match (self.max_batch_size, provider) {
+            (0, "cuda") => CUDA_AUTO_MAX_BATCH,
+            (0, _) => CPU_AUTO_MAX_BATCH,
+            (n, _) => n,
+        }
+    }
+
+    /// The ONNX Runtime memory and thread settings these flags ask for.
+    pub fn session_tuning(&self) -> crate::engine::SessionTuning {
+        crate::engine::SessionTuning {
+            cpu_mem_arena: self.cpu_mem_arena,
+            memory_pattern: self.memory_pattern,
+            intra_op_spinning: self.intra_op_spinning,
+        }
+    }
+
     /// Resolves the ONNX Runtime library path: as given if it exists, else relative to the
     /// repository root recorded at build time (so `cargo run` works from any folder).
     pub fn resolved_ort_library(&self) -> PathBuf {
@@ -101,5 +141,51 @@ impl ServerConfig {
         } else {
             self.ort_library.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServerConfig {
+        let mut all = vec!["leuknet-server"];
+        all.extend_from_slice(args);
+        ServerConfig::try_parse_from(all).expect("flags parse")
+    }
+
+    #[test]
+    fn memory_flags_default_to_arena_on_pattern_off_spinning_on() {
+        let c = parse(&[]);
+        let t = c.session_tuning();
+        assert!(t.cpu_mem_arena && !t.memory_pattern && t.intra_op_spinning);
+        assert_eq!(t, crate::engine::SessionTuning::default());
+        let c = parse(&[
+            "--cpu-mem-arena",
+            "false",
+            "--memory-pattern",
+            "true",
+            "--intra-op-spinning",
+            "false",
+        ]);
+        let t = c.session_tuning();
+        assert!(!t.cpu_mem_arena && t.memory_pattern && !t.intra_op_spinning);
+        assert!(
+            ServerConfig::try_parse_from(["leuknet-server", "--cpu-mem-arena", "maybe"]).is_err()
+        );
+    }
+
+    #[test]
+    fn max_batch_size_zero_means_by_provider() {
+        let c = parse(&[]);
+        assert_eq!(c.max_batch_size, 0);
+        assert_eq!(c.effective_max_batch_size("cpu"), CPU_AUTO_MAX_BATCH);
+        assert_eq!(c.effective_max_batch_size("cuda"), CUDA_AUTO_MAX_BATCH);
+        let c = parse(&["--max-batch-size", "5"]);
+        assert_eq!(c.effective_max_batch_size("cpu"), 5);
+        assert_eq!(c.effective_max_batch_size("cuda"), 5);
+        assert!(
+            ServerConfig::try_parse_from(["leuknet-server", "--max-batch-size", "257"]).is_err()
+        );
     }
 }

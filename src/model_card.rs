@@ -239,6 +239,37 @@ impl ModelCard {
         Ok(bytes)
     }
 
+    /// Checks the model file's sha256 against the card, reading it in chunks (the file is
+    /// never held in memory whole), for loaders that then read the file themselves.
+    pub fn verify_model_file(&self, model_path: &Path) -> Result<(), CardError> {
+        use std::io::Read;
+        let read_error = |source| CardError::ReadModel {
+            path: model_path.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::open(model_path).map_err(read_error)?;
+        let mut hasher = Sha256::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = match file.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_error(e)),
+            };
+            hasher.update(&chunk[..n]);
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual != self.sha256 {
+            return Err(CardError::Sha256Mismatch {
+                path: model_path.to_path_buf(),
+                expected: self.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks the graph's declared inputs and outputs (as read by the engine) against the card.
     /// Every card output must exist with the same shape; the graph may have more outputs.
     pub fn verify_graph(

@@ -46,7 +46,11 @@ pub fn load(config: &ServerConfig) -> Result<(ModelCard, Engine), ServerError> {
         device: config.device,
         intra_threads: config.intra_threads,
     };
-    Ok(engine::load_from_card(&config.model_card, &options)?)
+    Ok(engine::load_from_card_tuned(
+        &config.model_card,
+        &options,
+        &config.session_tuning(),
+    )?)
 }
 
 /// Serves until `signal` resolves, then drains: readiness turns false, the listener closes,
@@ -69,7 +73,7 @@ pub async fn run(
     let warmed = Arc::new(AtomicBool::new(false));
     let (warm_tx, mut warm_rx) = tokio::sync::oneshot::channel();
     let batch = BatchConfig {
-        max_batch_size: config.max_batch_size as usize,
+        max_batch_size: config.effective_max_batch_size(provider) as usize,
         max_queue_delay: Duration::from_millis(config.max_queue_delay_ms),
         max_queue_images: config.max_queue_images,
     };

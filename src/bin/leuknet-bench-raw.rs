@@ -7,7 +7,7 @@
 //! to stderr so stdout stays machine-readable.
 
 use clap::Parser;
-use leuknet::engine::{self, Device, Engine, EngineOptions};
+use leuknet::engine::{self, Device, Engine, EngineOptions, SessionTuning};
 use leuknet::preprocess::{self, Limits};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -55,6 +55,18 @@ struct Args {
     /// environment variable). Without any, batches are random tensors in [0, 1].
     #[arg(long, env = "LEUKNET_BENCH_INPUT", num_args = 1.., value_delimiter = ',')]
     input: Vec<PathBuf>,
+
+    /// ONNX Runtime's CPU memory arena (true/false), as the server's --cpu-mem-arena.
+    #[arg(long, env = "LEUKNET_BENCH_CPU_MEM_ARENA", default_value_t = SessionTuning::default().cpu_mem_arena, action = clap::ArgAction::Set)]
+    cpu_mem_arena: bool,
+
+    /// ONNX Runtime's memory-pattern planning (true/false), as the server's --memory-pattern.
+    #[arg(long, env = "LEUKNET_BENCH_MEMORY_PATTERN", default_value_t = SessionTuning::default().memory_pattern, action = clap::ArgAction::Set)]
+    memory_pattern: bool,
+
+    /// Intra-op thread spinning (true/false), as the server's --intra-op-spinning.
+    #[arg(long, env = "LEUKNET_BENCH_INTRA_OP_SPINNING", default_value_t = SessionTuning::default().intra_op_spinning, action = clap::ArgAction::Set)]
+    intra_op_spinning: bool,
 
     /// Largest image in pixels accepted by preprocessing, as the server's --max-pixels.
     #[arg(long, env = "LEUKNET_BENCH_MAX_PIXELS", default_value_t = 40_000_000)]
@@ -224,7 +236,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         device: args.device,
         intra_threads: args.intra_threads,
     };
-    let (card, mut engine) = engine::load_from_card(&args.model_card, &options)?;
+    let tuning = SessionTuning {
+        cpu_mem_arena: args.cpu_mem_arena,
+        memory_pattern: args.memory_pattern,
+        intra_op_spinning: args.intra_op_spinning,
+    };
+    let (card, mut engine) = engine::load_from_card_tuned(&args.model_card, &options, &tuning)?;
     let images = images(
         &inputs,
         args.max_pixels,
@@ -264,6 +281,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             "inputs": if args.input.is_empty() { json!("random") } else { json!(args.input.len()) },
             "seconds_per_batch_size": args.seconds,
             "intra_threads": args.intra_threads,
+            "cpu_mem_arena": args.cpu_mem_arena,
+            "memory_pattern": args.memory_pattern,
+            "intra_op_spinning": args.intra_op_spinning,
         })
     );
     Ok(())
