@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
+
+from hostinfo import cpu_model
 
 env = os.environ
 PATHS = ["ours", "plain", "draft", "peer"]
@@ -64,14 +65,6 @@ LABELS = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def pillow_version() -> str:

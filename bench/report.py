@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
+
+from hostinfo import cpu_model
 
 env = os.environ
 work, out, stamp = env["REPORT_WORK"], env["REPORT_OUT"], env["REPORT_STAMP"]
@@ -18,14 +19,6 @@ conc = [int(c) for c in env["REPORT_CONCURRENCY"].split()]
 OURS = "leuknet"
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def load(path: str):

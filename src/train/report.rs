@@ -223,25 +223,23 @@ pub fn markdown_table_iv_rows(rows: &[(&str, &Report)]) -> String {
 
     if !test_sets.is_empty() {
         out.push_str("\n### LODOCV, every metric\n\n");
-        let header: Vec<String> = [
-            "model",
-            "test set",
-            "n",
-            "runs",
-            "accuracy %",
-            "bal. acc. %",
-            "precision %",
-            "recall %",
-            "specificity %",
-            "F1 %",
-            "AUC",
-            "ECE",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        push_row(&mut out, &header);
-        push_row(&mut out, &vec!["---".to_string(); header.len()]);
+        let header = push_header(
+            &mut out,
+            &[
+                "model",
+                "test set",
+                "n",
+                "runs",
+                "accuracy %",
+                "bal. acc. %",
+                "precision %",
+                "recall %",
+                "specificity %",
+                "F1 %",
+                "AUC",
+                "ECE",
+            ],
+        );
         for (label, r) in rows {
             for t in &test_sets {
                 let m: Vec<BinaryMetrics> = r
@@ -283,22 +281,20 @@ pub fn markdown_table_iv_rows(rows: &[(&str, &Report)]) -> String {
     if !any_kfold {
         out.push_str("_No k-fold runs._\n");
     } else {
-        let header: Vec<String> = [
-            "model",
-            "accuracy %",
-            "precision %",
-            "recall %",
-            "specificity %",
-            "F1 %",
-            "AUC",
-            "kappa",
-            "runs",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        push_row(&mut out, &header);
-        push_row(&mut out, &vec!["---".to_string(); header.len()]);
+        let header = push_header(
+            &mut out,
+            &[
+                "model",
+                "accuracy %",
+                "precision %",
+                "recall %",
+                "specificity %",
+                "F1 %",
+                "AUC",
+                "kappa",
+                "runs",
+            ],
+        );
         for (label, r) in rows {
             let m: Vec<BinaryMetrics> = r
                 .runs
@@ -369,6 +365,14 @@ pub fn markdown_storage_checks(runs: &[RunRecord]) -> String {
         );
     }
     out
+}
+
+/// Pushes a Markdown table's header row and separator; returns the header cells.
+fn push_header(out: &mut String, columns: &[&str]) -> Vec<String> {
+    let header: Vec<String> = columns.iter().map(|s| s.to_string()).collect();
+    push_row(out, &header);
+    push_row(out, &vec!["---".to_string(); header.len()]);
+    header
 }
 
 fn push_row(out: &mut String, cells: &[String]) {
