@@ -223,7 +223,7 @@ pub fn markdown_table_iv_rows(rows: &[(&str, &Report)]) -> String {
 
     if !test_sets.is_empty() {
         out.push_str("\n### LODOCV, every metric\n\n");
-        let header = push_header(
+        push_header(
             &mut out,
             &[
                 "model",
@@ -281,7 +281,7 @@ pub fn markdown_table_iv_rows(rows: &[(&str, &Report)]) -> String {
     if !any_kfold {
         out.push_str("_No k-fold runs._\n");
     } else {
-        let header = push_header(
+        push_header(
             &mut out,
             &[
                 "model",
@@ -367,12 +367,11 @@ pub fn markdown_storage_checks(runs: &[RunRecord]) -> String {
     out
 }
 
-/// Pushes a Markdown table's header row and separator; returns the header cells.
-fn push_header(out: &mut String, columns: &[&str]) -> Vec<String> {
+/// Pushes a Markdown table's header row and separator.
+fn push_header(out: &mut String, columns: &[&str]) {
     let header: Vec<String> = columns.iter().map(|s| s.to_string()).collect();
     push_row(out, &header);
     push_row(out, &vec!["---".to_string(); header.len()]);
-    header
 }
 
 fn push_row(out: &mut String, cells: &[String]) {
