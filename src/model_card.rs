@@ -228,7 +228,12 @@ impl ModelCard {
             path: model_path.to_path_buf(),
             source,
         })?;
-        let actual = sha256_hex(&bytes);
+        self.check_sha256(model_path, sha256_hex(&bytes))?;
+        Ok(bytes)
+    }
+
+    /// `Sha256Mismatch` unless `actual` (hex) is the card's sha256.
+    fn check_sha256(&self, model_path: &Path, actual: String) -> Result<(), CardError> {
         if actual != self.sha256 {
             return Err(CardError::Sha256Mismatch {
                 path: model_path.to_path_buf(),
@@ -236,7 +241,7 @@ impl ModelCard {
                 actual,
             });
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Checks the model file's sha256 against the card, reading it in chunks (the file is
@@ -259,15 +264,7 @@ impl ModelCard {
             };
             hasher.update(&chunk[..n]);
         }
-        let actual = hex::encode(hasher.finalize());
-        if actual != self.sha256 {
-            return Err(CardError::Sha256Mismatch {
-                path: model_path.to_path_buf(),
-                expected: self.sha256.clone(),
-                actual,
-            });
-        }
-        Ok(())
+        self.check_sha256(model_path, hex::encode(hasher.finalize()))
     }
 
     /// Checks the graph's declared inputs and outputs (as read by the engine) against the card.

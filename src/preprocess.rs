@@ -31,9 +31,10 @@
 //! multi-page TIFF is used.
 //!
 //! Cost: [`preprocess`] is synchronous and CPU-bound (release build, one core, measured by
-//! `bench/preprocess`: about 0.4 ms for a 257x257 TIFF, 0.7 ms for a 224x224 JPEG, 15 ms
-//! for a 2592x1944 q90 4:4:4 JPEG, which is mostly entropy decoding; 35 ms before the DC-only
-//! path); run it on a blocking thread pool.
+//! `bench/preprocess` on a shared machine, `bench/results/preprocess-20261128T171833Z.json`:
+//! about 0.5 ms for a 257x257 TIFF, 1.1 ms for a 224x224 JPEG, 20 ms for a 2592x1944 JPEG,
+//! which is mostly entropy decoding; 33 ms before the DC-only path); run it on a blocking
+//! thread pool.
 
 mod jpeg_dc;
 
