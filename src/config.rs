@@ -95,6 +95,16 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
 
+    /// API keys file: one `name:sha256hex` per line, the sha256 of each key
+    /// (`printf %s "$KEY" | sha256sum`), `#` comments. With keys (here or in --api-keys) every
+    /// route but /health/*, /metrics, / and /assets/* needs `Authorization: Bearer <key>` (401).
+    #[arg(long, env = "LEUKNET_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// API keys inline: `name:sha256hex` entries separated by commas (joins --api-keys-file).
+    #[arg(long, env = "LEUKNET_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+
     /// Log format.
     #[arg(long, env = "LEUKNET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -127,6 +137,11 @@ impl ServerConfig {
             memory_pattern: self.memory_pattern,
             intra_op_spinning: self.intra_op_spinning,
         }
+    }
+
+    /// The API keys of `--api-keys-file` and `--api-keys`; None when neither is given.
+    pub fn api_keys(&self) -> Result<Option<crate::http::auth::ApiKeys>, String> {
+        crate::http::auth::ApiKeys::load(self.api_keys_file.as_deref(), self.api_keys.as_deref())
     }
 
     /// Resolves the ONNX Runtime library path: as given if it exists, else relative to the

@@ -30,6 +30,8 @@ pub enum ServerError {
     Thread(std::io::Error),
     #[error("warm-up failed: {0}")]
     WarmUp(EngineError),
+    #[error("API keys: {0}")]
+    ApiKeys(String),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error("requests were still running after the drain timeout of {0:?}")]
@@ -62,6 +64,10 @@ pub async fn run(
     listener: TcpListener,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let api_keys = config.api_keys().map_err(ServerError::ApiKeys)?;
+    if let Some(keys) = &api_keys {
+        tracing::info!(names = ?keys.names(), "API keys required (all routes but health, metrics and the page)");
+    }
     let metrics = Arc::new(Metrics::new());
     let shutdown = Shutdown::new();
     let provider = engine.provider();
@@ -121,6 +127,7 @@ pub async fn run(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),
         active_classify: std::sync::atomic::AtomicUsize::new(0),
+        api_keys,
     });
 
     // Turn the outside signal, or a failed warm-up, into the drain signal.

@@ -30,6 +30,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("the server is overloaded ({0}); retry after {1} s")]
     QueueFull(String, u64),
     #[error("the request deadline passed before the model ran")]
@@ -57,6 +59,7 @@ pub const ERROR_CODES: &[(&str, u16)] = &[
     ("too_many_images", 413),
     ("not_found", 404),
     ("method_not_allowed", 405),
+    ("unauthorized", 401),
     ("queue_full", 429),
     ("deadline_exceeded", 504),
     ("inference_failed", 500),
@@ -80,6 +83,7 @@ impl ApiError {
             Self::TooManyImages { .. } => "too_many_images",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::Unauthorized(_) => "unauthorized",
             Self::QueueFull(..) => "queue_full",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::Inference(_) => "inference_failed",
@@ -129,6 +133,11 @@ impl IntoResponse for ApiError {
         response
             .extensions_mut()
             .insert(super::ErrorCode(self.code()));
+        if let Self::Unauthorized(_) = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Self::QueueFull(_, retry_after) = &self {
             response
                 .headers_mut()

@@ -2,6 +2,7 @@
 //! group (`classify`, `info`), one error type ([`error::ApiError`]), and one middleware that
 //! records every request in the metrics.
 
+pub mod auth;
 pub mod classify;
 pub mod error;
 pub mod info;
@@ -83,6 +84,8 @@ pub struct AppState {
     pub decode_permits: tokio::sync::Semaphore,
     /// Classify requests accepted and not yet answered; draining waits for it to reach zero.
     pub active_classify: std::sync::atomic::AtomicUsize,
+    /// API keys (`--api-keys-file`, `--api-keys`); None: every route is open.
+    pub api_keys: Option<auth::ApiKeys>,
 }
 
 impl AppState {
@@ -109,12 +112,12 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "POST",
         path: "/v1/classify",
-        statuses: &[200, 400, 413, 415, 422, 429, 500, 503, 504],
+        statuses: &[200, 400, 401, 413, 415, 422, 429, 500, 503, 504],
     },
     RouteDoc {
         method: "GET",
         path: "/v1/models",
-        statuses: &[200],
+        statuses: &[200, 401],
     },
     RouteDoc {
         method: "GET",
@@ -134,7 +137,7 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "GET",
         path: "/openapi.yaml",
-        statuses: &[200],
+        statuses: &[200, 401],
     },
     RouteDoc {
         method: "GET",
@@ -156,6 +159,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/", get(info::index))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_CONTENT_TYPE_OPTIONS,
@@ -171,7 +175,14 @@ pub fn app(state: Arc<AppState>) -> Router {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+            // The API key's name (never the key) is recorded by the auth middleware.
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                uri = %req.uri(),
+                request_id = %id,
+                api_key = tracing::field::Empty,
+            )
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
