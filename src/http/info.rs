@@ -1,4 +1,5 @@
-//! Read-only routes: model info, health, metrics, the OpenAPI document and the upload page.
+//! Read-only routes: model info, health, metrics and the OpenAPI document (the web page is
+//! `page.rs`).
 
 use super::error::ApiError;
 use super::AppState;
@@ -11,8 +12,6 @@ use std::sync::Arc;
 
 /// The OpenAPI document, embedded at build time.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
-
-const INDEX_HTML: &str = include_str!("index.html");
 
 /// `GET /v1/models`: the model card plus runtime facts.
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -62,23 +61,6 @@ pub async fn openapi() -> Response {
             HeaderValue::from_static("application/yaml"),
         )],
         OPENAPI_YAML,
-    )
-        .into_response()
-}
-
-/// `GET /`: a minimal upload form (no script; the answer is the JSON of `/v1/classify`).
-pub async fn index() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(
-                    "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-                ),
-            ),
-        ],
-        INDEX_HTML,
     )
         .into_response()
 }

@@ -1,11 +1,12 @@
 //! The HTTP API: [`app`] builds the axum router from an [`AppState`]. One file per route
-//! group (`classify`, `info`), one error type ([`error::ApiError`]), and one middleware that
-//! records every request in the metrics.
+//! group (`classify`, `info`, `page`: the web page), one error type ([`error::ApiError`]), and
+//! one middleware that records every request in the metrics.
 
 pub mod auth;
 pub mod classify;
 pub mod error;
 pub mod info;
+pub mod page;
 
 use crate::batching::BatchQueue;
 use crate::metrics::Metrics;
@@ -142,7 +143,17 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "GET",
         path: "/",
-        statuses: &[200],
+        statuses: &[200, 304],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/assets/app.js",
+        statuses: &[200, 304],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/assets/app.css",
+        statuses: &[200, 304],
     },
 ];
 
@@ -156,7 +167,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health/ready", get(info::ready))
         .route("/metrics", get(info::metrics))
         .route("/openapi.yaml", get(info::openapi))
-        .route("/", get(info::index))
+        .route("/", get(page::index))
+        .route(page::APP_JS_PATH, get(page::app_js))
+        .route(page::APP_CSS_PATH, get(page::app_css))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require))
