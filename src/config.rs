@@ -105,6 +105,20 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
 
+    /// Audit log: append one JSON line per classified image to this file (time, request,
+    /// accession and specimen ids, image sha256 and file name, model, label, probability,
+    /// timings; never the image). Off when unset.
+    #[arg(long, env = "LEUKNET_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+
+    /// Rotate the audit log before it would grow past this many bytes.
+    #[arg(long, env = "LEUKNET_AUDIT_LOG_MAX_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_max_bytes: u64,
+
+    /// Rotated audit logs to keep (`PATH.1` newest … `PATH.N` oldest); 0 keeps none.
+    #[arg(long, env = "LEUKNET_AUDIT_LOG_KEEP", default_value_t = 10)]
+    pub audit_log_keep: usize,
+
     /// Log format.
     #[arg(long, env = "LEUKNET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -142,6 +156,17 @@ impl ServerConfig {
     /// The API keys of `--api-keys-file` and `--api-keys`; None when neither is given.
     pub fn api_keys(&self) -> Result<Option<crate::http::auth::ApiKeys>, String> {
         crate::http::auth::ApiKeys::load(self.api_keys_file.as_deref(), self.api_keys.as_deref())
+    }
+
+    /// The audit log settings, when `--audit-log` is given.
+    pub fn audit(&self) -> Option<crate::audit::AuditConfig> {
+        self.audit_log
+            .as_ref()
+            .map(|path| crate::audit::AuditConfig {
+                path: path.clone(),
+                max_bytes: self.audit_log_max_bytes,
+                keep: self.audit_log_keep,
+            })
     }
 
     /// Resolves the ONNX Runtime library path: as given if it exists, else relative to the
@@ -187,6 +212,28 @@ mod tests {
         assert!(!t.cpu_mem_arena && t.memory_pattern && !t.intra_op_spinning);
         assert!(
             ServerConfig::try_parse_from(["leuknet-server", "--cpu-mem-arena", "maybe"]).is_err()
+        );
+    }
+
+    #[test]
+    fn audit_log_is_off_by_default_and_rotates_at_64_mib_keeping_10() {
+        let c = parse(&[]);
+        assert!(c.audit().is_none());
+        assert_eq!(c.audit_log_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.audit_log_keep, 10);
+        let c = parse(&[
+            "--audit-log",
+            "/var/log/leuknet/audit.jsonl",
+            "--audit-log-max-bytes",
+            "1000",
+            "--audit-log-keep",
+            "3",
+        ]);
+        let a = c.audit().unwrap();
+        assert_eq!(a.path, PathBuf::from("/var/log/leuknet/audit.jsonl"));
+        assert_eq!((a.max_bytes, a.keep), (1000, 3));
+        assert!(
+            ServerConfig::try_parse_from(["leuknet-server", "--audit-log-max-bytes", "0"]).is_err()
         );
     }
 

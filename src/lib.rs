@@ -12,7 +12,9 @@
 //! - [`fixture`]: random-weight LeukNet-shaped models for tests and benchmarks (never shipped).
 //! - [`metrics`]: every Prometheus metric, in one registry.
 //! - [`shutdown`]: the drain signal shared by listener, batcher and readiness.
+//! - [`audit`]: the audit log (`--audit-log`): one JSON line per classified image, rotated by size.
 
+pub mod audit;
 pub mod batching;
 pub mod color_norm;
 pub mod config;

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     /// 1 when ready to serve (model loaded and warmed, not draining).
     pub ready: IntGauge,
+    /// Audit log lines by outcome: `written`, `failed` (write error), `dropped` (queue full
+    /// or writer stopped).
+    pub audit_records: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -195,6 +198,17 @@ impl Metrics {
                 IntGauge::new(
                     "leuknet_ready",
                     "1 when the model is loaded and warmed and the server is not draining.",
+                )
+                .expect("valid"),
+            ),
+            audit_records: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "leuknet_audit_records_total",
+                        "Audit log lines by outcome (written, failed, dropped).",
+                    ),
+                    &["outcome"],
                 )
                 .expect("valid"),
             ),

@@ -32,6 +32,8 @@ pub enum ServerError {
     WarmUp(EngineError),
     #[error("API keys: {0}")]
     ApiKeys(String),
+    #[error("cannot open the audit log {0}: {1}")]
+    Audit(std::path::PathBuf, std::io::Error),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error("requests were still running after the drain timeout of {0:?}")]
@@ -99,6 +101,16 @@ pub async fn run(
         .map_err(ServerError::Thread)?;
 
     let color_norm = card.color_normalization().map_err(EngineError::Card)?;
+    let audit = match config.audit() {
+        Some(a) => {
+            let path = a.path.clone();
+            let log = crate::audit::AuditLog::open(a, metrics.clone())
+                .map_err(|e| ServerError::Audit(path.clone(), e))?;
+            tracing::info!(path = %path.display(), "audit log open");
+            Some(log)
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         color_norm,
         card,
@@ -128,6 +140,7 @@ pub async fn run(
         ),
         active_classify: std::sync::atomic::AtomicUsize::new(0),
         api_keys,
+        audit,
     });
 
     // Turn the outside signal, or a failed warm-up, into the drain signal.
@@ -188,6 +201,16 @@ pub async fn run(
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(ServerError::Serve(e)),
         Err(e) => return Err(ServerError::Serve(std::io::Error::other(e.to_string()))),
+    }
+    // Every accepted request is answered: write out and sync the audit log.
+    if state.audit.is_some() {
+        let s = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(a) = &s.audit {
+                a.close();
+            }
+        })
+        .await;
     }
     // Every connection is closed: release the queue so the engine thread ends.
     drop(state);

@@ -5,6 +5,7 @@
 //! engine thread -> one JSON result per image.
 
 use super::error::ApiError;
+use super::identifiers::Identifiers;
 use super::AppState;
 use crate::batching::{JobError, JobOutput};
 use crate::model_card::sha256_hex;
@@ -13,7 +14,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -60,12 +60,22 @@ pub struct ClassifyResult {
     pub timings: Timings,
     pub image: ImageInfo,
     pub disclaimer: String,
+    /// The request's accession number (`accession_id` field or `X-Accession-Id`), when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accession_id: Option<String>,
+    /// The request's specimen identifier (`specimen_id` field or `X-Specimen-Id`), when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub specimen_id: Option<String>,
 }
 
 /// The whole answer.
 #[derive(Debug, Serialize)]
 pub struct ClassifyResponse {
     pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accession_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub specimen_id: Option<String>,
     pub results: Vec<ClassifyResult>,
 }
 
@@ -99,7 +109,14 @@ pub async fn classify(
     if state.shutdown.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    let uploads = read_uploads(&state, &headers, body).await?;
+    let (uploads, ids) = read_uploads(&state, &headers, body).await?;
+    let span = tracing::Span::current();
+    if let Some(id) = &ids.accession_id {
+        span.record("accession_id", tracing::field::display(id));
+    }
+    if let Some(id) = &ids.specimen_id {
+        span.record("specimen_id", tracing::field::display(id));
+    }
     let decoded = decode_all(&state, uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
 
     let (tensors, decoded): (Vec<_>, Vec<_>) = decoded
@@ -175,15 +192,21 @@ pub async fn classify(
                     filename: upload.filename,
                 },
                 disclaimer: card.disclaimer.clone(),
+                accession_id: ids.accession_id.clone(),
+                specimen_id: ids.specimen_id.clone(),
             }
         })
         .collect();
 
-    let mut response = Json(ClassifyResponse {
+    tracing::info!(images = results.len(), "classified");
+    let response = ClassifyResponse {
         request_id,
+        accession_id: ids.accession_id,
+        specimen_id: ids.specimen_id,
         results,
-    })
-    .into_response();
+    };
+    let fhir = super::fhir::prefers_fhir(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let mut response = render(&state, &response, fhir).await?;
     let timing = format!(
         "decode;dur={}, queue;dur={}, inference;dur={}, total;dur={}",
         ms(max.0),
@@ -195,6 +218,42 @@ pub async fn classify(
         response.headers_mut().insert("server-timing", v);
     }
     Ok(response)
+}
+
+/// The answer's body, JSON or (when the client prefers it) a FHIR R4 Bundle, with
+/// `Vary: Accept`; the audit lines are written first (see [`crate::audit`]).
+async fn render(
+    state: &AppState,
+    response: &ClassifyResponse,
+    fhir: bool,
+) -> Result<Response, ApiError> {
+    let internal =
+        |e: serde_json::Error| ApiError::Internal(format!("cannot encode the answer: {e}"));
+    let json = serde_json::to_vec(response).map_err(internal)?;
+    let vary = (header::VARY, HeaderValue::from_static("accept"));
+    let json_type = (
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if state.audit.is_none() && !fhir {
+        return Ok(([json_type, vary], json).into_response());
+    }
+    // Read back from the text, so the audit log and FHIR carry the very numbers the JSON shows.
+    let value: serde_json::Value = serde_json::from_slice(&json).map_err(internal)?;
+    let now = std::time::SystemTime::now();
+    if let Some(audit) = &state.audit {
+        audit.record(&crate::audit::records(&value, now)).await;
+    }
+    if !fhir {
+        return Ok(([json_type, vary], json).into_response());
+    }
+    let bundle = super::fhir::bundle(&value, &state.card, now, uuid::Uuid::new_v4());
+    let body = serde_json::to_vec(&bundle).map_err(internal)?;
+    let fhir_type = (
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(super::fhir::CONTENT_TYPE),
+    );
+    Ok(([fhir_type, vary], body).into_response())
 }
 
 /// Counts an accepted classify request until it is answered (or its client leaves).
@@ -240,7 +299,8 @@ async fn read_uploads(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Vec<Upload>, ApiError> {
+) -> Result<(Vec<Upload>, Identifiers), ApiError> {
+    let mut ids = Identifiers::from_headers(headers)?;
     let limit = state.limits.max_body_bytes;
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -281,10 +341,11 @@ async fn read_uploads(
         return Err(ApiError::EmptyBody);
     }
     if !multipart {
-        return Ok(vec![Upload {
+        let upload = Upload {
             bytes,
             filename: None,
-        }]);
+        };
+        return Ok((vec![upload], ids));
     }
     let boundary = multer::parse_boundary(&content_type)
         .map_err(|e| ApiError::BadRequest(format!("multipart boundary: {e}")))?;
@@ -296,6 +357,15 @@ async fn read_uploads(
         .await
         .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?
     {
+        if let Some(name) = field.name().filter(|n| Identifiers::is_field(n)) {
+            let name = name.to_string();
+            let value = field
+                .text()
+                .await
+                .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+            ids.set(&name, &value)?;
+            continue;
+        }
         if field.name() != Some("image") {
             continue;
         }
@@ -315,7 +385,7 @@ async fn read_uploads(
     if uploads.is_empty() {
         return Err(ApiError::MissingImage);
     }
-    Ok(uploads)
+    Ok((uploads, ids))
 }
 
 /// Preprocesses every upload in parallel on the blocking pool (bounded by the decode permits).

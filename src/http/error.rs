@@ -15,6 +15,8 @@ pub enum ApiError {
     #[error("malformed request: {0}")]
     BadRequest(String),
     #[error("{0}")]
+    InvalidIdentifier(String),
+    #[error("{0}")]
     NotAnImage(String),
     #[error("{0}")]
     CorruptImage(String),
@@ -51,6 +53,7 @@ pub const ERROR_CODES: &[(&str, u16)] = &[
     ("empty_body", 400),
     ("missing_image", 400),
     ("bad_request", 400),
+    ("invalid_identifier", 400),
     ("not_an_image", 422),
     ("corrupt_image", 422),
     ("unsupported_media_type", 415),
@@ -75,6 +78,7 @@ impl ApiError {
             Self::EmptyBody => "empty_body",
             Self::MissingImage => "missing_image",
             Self::BadRequest(_) => "bad_request",
+            Self::InvalidIdentifier(_) => "invalid_identifier",
             Self::NotAnImage(_) => "not_an_image",
             Self::CorruptImage(_) => "corrupt_image",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",

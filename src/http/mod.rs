@@ -5,6 +5,8 @@
 pub mod auth;
 pub mod classify;
 pub mod error;
+pub mod fhir;
+pub mod identifiers;
 pub mod info;
 pub mod page;
 
@@ -87,6 +89,8 @@ pub struct AppState {
     pub active_classify: std::sync::atomic::AtomicUsize,
     /// API keys (`--api-keys-file`, `--api-keys`); None: every route is open.
     pub api_keys: Option<auth::ApiKeys>,
+    /// The audit log (`--audit-log`), when enabled: one line per classified image.
+    pub audit: Option<crate::audit::AuditLog>,
 }
 
 impl AppState {
@@ -195,6 +199,8 @@ pub fn app(state: Arc<AppState>) -> Router {
                 uri = %req.uri(),
                 request_id = %id,
                 api_key = tracing::field::Empty,
+                accession_id = tracing::field::Empty,
+                specimen_id = tracing::field::Empty,
             )
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))

@@ -186,6 +186,13 @@ impl Server {
         assert!(ok, "kill -TERM failed");
     }
 
+    /// Sends SIGKILL (a crash: no drain, nothing flushed) and waits for the process to end.
+    pub fn sigkill(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap()
+    }
+
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().unwrap();
