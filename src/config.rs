@@ -95,6 +95,31 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
 
+    /// Longest time a client may take to send a request head (ms); slower connections are
+    /// closed without an answer (slow loris). Also bounds how long a kept-alive connection may
+    /// wait for its next request.
+    #[arg(long, env = "LEUKNET_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+
+    /// Longest time to receive a whole request body, from the end of its head (ms); slower
+    /// uploads get 408 `body_timeout` and their connection is closed.
+    #[arg(long, env = "LEUKNET_BODY_READ_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_ms: u64,
+
+    /// A kept-alive connection with no request in progress that moves no byte for this long
+    /// is closed (ms); 0 turns keep-alive off (one request per connection).
+    #[arg(
+        long,
+        env = "LEUKNET_KEEP_ALIVE_IDLE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub keep_alive_idle_timeout_ms: u64,
+
+    /// Most connections open at once; while that many are open, new connections wait in the
+    /// kernel's listen backlog (not accepted, not refused) until one closes.
+    #[arg(long, env = "LEUKNET_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
     /// API keys file: one `name:sha256hex` per line, the sha256 of each key
     /// (`printf %s "$KEY" | sha256sum`), `#` comments. With keys (here or in --api-keys) every
     /// route but /health/*, /metrics, / and /assets/* needs `Authorization: Bearer <key>` (401).
@@ -182,6 +207,17 @@ impl ServerConfig {
             self.ort_library.clone()
         }
     }
+
+    /// The connection limits of the accept loop ([`crate::accept`]).
+    pub fn conn_limits(&self) -> crate::accept::ConnLimits {
+        crate::accept::ConnLimits {
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            keep_alive_idle_timeout: std::time::Duration::from_millis(
+                self.keep_alive_idle_timeout_ms,
+            ),
+            max_connections: self.max_connections,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -249,5 +285,40 @@ mod tests {
         assert!(
             ServerConfig::try_parse_from(["leuknet-server", "--max-batch-size", "257"]).is_err()
         );
+    }
+
+    #[test]
+    fn connection_limits_default_and_parse() {
+        let c = parse(&[]);
+        assert_eq!(
+            (
+                c.header_read_timeout_ms,
+                c.body_read_timeout_ms,
+                c.keep_alive_idle_timeout_ms,
+                c.max_connections
+            ),
+            (10_000, 30_000, 5_000, 1024)
+        );
+        let l = parse(&[
+            "--header-read-timeout-ms",
+            "250",
+            "--keep-alive-idle-timeout-ms",
+            "0",
+            "--max-connections",
+            "3",
+        ])
+        .conn_limits();
+        assert_eq!(l.header_read_timeout, std::time::Duration::from_millis(250));
+        assert!(l.keep_alive_idle_timeout.is_zero());
+        assert_eq!(l.max_connections, 3);
+        for bad in [
+            ["--header-read-timeout-ms", "0"],
+            ["--body-read-timeout-ms", "0"],
+            ["--max-connections", "0"],
+        ] {
+            let mut args = vec!["leuknet-server"];
+            args.extend_from_slice(&bad);
+            assert!(ServerConfig::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 }

@@ -12,8 +12,10 @@
 //! - [`fixture`]: random-weight LeukNet-shaped models for tests and benchmarks (never shipped).
 //! - [`metrics`]: every Prometheus metric, in one registry.
 //! - [`shutdown`]: the drain signal shared by listener, batcher and readiness.
+//! - [`accept`]: the accept loop: header-read and idle timeouts, connection limit, graceful close.
 //! - [`audit`]: the audit log (`--audit-log`): one JSON line per classified image, rotated by size.
 
+pub mod accept;
 pub mod audit;
 pub mod batching;
 pub mod color_norm;

@@ -123,6 +123,7 @@ pub async fn run(
             max_pixels: config.max_pixels,
             max_images: config.max_images_per_request,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
+            body_read_timeout: Duration::from_millis(config.body_read_timeout_ms),
         },
         runtime: RuntimeInfo {
             execution_provider: provider,
@@ -188,8 +189,12 @@ pub async fn run(
             }
         }
     };
-    let serve = axum::serve(listener, app).with_graceful_shutdown(stop_listening);
-    let mut serve = tokio::spawn(async move { serve.await });
+    let mut serve = tokio::spawn(crate::accept::serve(
+        listener,
+        app,
+        config.conn_limits(),
+        stop_listening,
+    ));
     let drain = Duration::from_millis(config.drain_timeout_ms);
     let drained = tokio::select! {
         r = &mut serve => r,

@@ -324,9 +324,16 @@ async fn read_uploads(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let bytes = http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
+    let body_timeout = state.limits.body_read_timeout;
+    let collected = tokio::time::timeout(
+        body_timeout,
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await
+    .map_err(|_| ApiError::BodyTimeout {
+        timeout_ms: body_timeout.as_millis() as u64,
+    })?;
+    let bytes = collected
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()

@@ -24,6 +24,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
     #[error("{0}")]
     TooManyPixels(String),
     #[error("too many images in one request: {count}, limit {limit}")]
@@ -58,6 +60,7 @@ pub const ERROR_CODES: &[(&str, u16)] = &[
     ("corrupt_image", 422),
     ("unsupported_media_type", 415),
     ("body_too_large", 413),
+    ("body_timeout", 408),
     ("too_many_pixels", 413),
     ("too_many_images", 413),
     ("not_found", 404),
@@ -83,6 +86,7 @@ impl ApiError {
             Self::CorruptImage(_) => "corrupt_image",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::TooManyPixels(_) => "too_many_pixels",
             Self::TooManyImages { .. } => "too_many_images",
             Self::NotFound(_) => "not_found",

@@ -39,6 +39,8 @@ pub struct RequestLimits {
     pub max_images: usize,
     /// Deadline per request, queue included.
     pub request_timeout: Duration,
+    /// Longest time to receive a whole body (408 `body_timeout`).
+    pub body_read_timeout: Duration,
 }
 
 /// Runtime facts reported by `GET /v1/models`.
@@ -117,7 +119,7 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "POST",
         path: "/v1/classify",
-        statuses: &[200, 400, 401, 413, 415, 422, 429, 500, 503, 504],
+        statuses: &[200, 400, 401, 408, 413, 415, 422, 429, 500, 503, 504],
     },
     RouteDoc {
         method: "GET",

@@ -24,6 +24,8 @@
     body_too_large: (l) =>
       'The upload is too large' + (l && l.max_body_bytes ? ' (limit ' + mb(l.max_body_bytes) + ')' : '') +
       '. Send fewer images at once, or smaller files.',
+    body_timeout: () =>
+      'The upload took too long to reach the server (slow or interrupted network). Retry, or send fewer images at once.',
     too_many_pixels: (l) =>
       'An image has too many pixels' + (l && l.max_pixels ? ' (limit ' + (l.max_pixels / 1e6).toFixed(0) + ' megapixels)' : '') +
       '. Crop the region of interest or downscale the image.',
