@@ -41,6 +41,10 @@ pub enum JobError {
 pub struct JobOutput {
     /// Probability of leukemia.
     pub probability: f32,
+    /// The features the card's OOD statistics are of, when it has statistics.
+    pub features: Option<Vec<f32>>,
+    /// Grad-CAM grid, when the job asked for it and the graph has it.
+    pub gradcam: Option<Vec<f32>>,
     /// Time spent queued before its batch started.
     pub queue_time: Duration,
     /// Run time of the batch it was in.
@@ -55,6 +59,8 @@ pub struct Job {
     pub tensor: Vec<f32>,
     /// The caller's deadline; past it the image is dropped before inference.
     pub deadline: Instant,
+    /// Whether the caller wants the Grad-CAM map.
+    pub explain: bool,
     enqueued: Instant,
     reply: oneshot::Sender<Result<JobOutput, JobError>>,
 }
@@ -84,7 +90,7 @@ pub fn warm_up(
     max_batch_size: usize,
 ) -> Result<(), crate::engine::EngineError> {
     for batch in 1..=max_batch_size {
-        engine.run(vec![0.5; batch * engine.image_len()], batch)?;
+        engine.run_detailed(vec![0.5; batch * engine.image_len()], batch, true)?;
     }
     Ok(())
 }
@@ -135,6 +141,7 @@ impl BatchQueue {
         &self,
         tensors: Vec<Vec<f32>>,
         deadline: Instant,
+        explain: bool,
     ) -> Result<Vec<oneshot::Receiver<Result<JobOutput, JobError>>>, QueueFull> {
         let n = tensors.len();
         let mut current = self.queued.load(Ordering::SeqCst);
@@ -163,6 +170,7 @@ impl BatchQueue {
             let job = Job {
                 tensor,
                 deadline,
+                explain,
                 enqueued: now,
                 reply,
             };
@@ -265,7 +273,8 @@ impl Worker {
         for job in &batch {
             input.extend_from_slice(&job.tensor);
         }
-        let result = self.engine.run(input, n);
+        let explain = batch.iter().any(|job| job.explain);
+        let result = self.engine.run_detailed(input, n, explain);
         let inference_time = start.elapsed();
         self.metrics.batch_executions.inc();
         self.metrics.batch_size.observe(n as f64);
@@ -273,15 +282,17 @@ impl Worker {
             .inference_duration
             .observe(inference_time.as_secs_f64());
         match result {
-            Ok(probabilities) => {
+            Ok(outputs) => {
                 self.metrics.images_inferred.inc_by(n as u64);
-                for (job, probability) in batch.into_iter().zip(probabilities) {
+                for (job, output) in batch.into_iter().zip(outputs) {
                     let queue_time = start.saturating_duration_since(job.enqueued);
                     self.metrics
                         .queue_duration
                         .observe(queue_time.as_secs_f64());
                     let _ = job.reply.send(Ok(JobOutput {
-                        probability,
+                        probability: output.probability,
+                        features: output.vectors.into_iter().next(),
+                        gradcam: output.gradcam.filter(|_| job.explain),
                         queue_time,
                         inference_time,
                         batch_size: n,

@@ -130,6 +130,11 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
 
+    /// Probabilities answered `indeterminate` instead of a label: `card` (the model card's
+    /// band), `off`, or `LOW,HIGH` (probabilities in [LOW, HIGH); must hold the threshold).
+    #[arg(long, env = "LEUKNET_INDETERMINATE_BAND", default_value = "card", value_parser = parse_band)]
+    pub indeterminate_band: BandChoice,
+
     /// Audit log: append one JSON line per classified image to this file (time, request,
     /// accession and specimen ids, image sha256 and file name, model, label, probability,
     /// timings; never the image). Off when unset.
@@ -151,6 +156,35 @@ pub struct ServerConfig {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `leuknet=debug`).
     #[arg(long, env = "LEUKNET_LOG", default_value = "info")]
     pub log: String,
+}
+
+/// `--indeterminate-band`: the card's band, none, or an explicit one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BandChoice {
+    /// The model card's `decision.indeterminate` (none if the card has none).
+    Card,
+    /// No band: every image gets a label.
+    Off,
+    /// Probabilities in `[low, high)`.
+    Explicit { low: f32, high: f32 },
+}
+
+fn parse_band(text: &str) -> Result<BandChoice, String> {
+    match text.trim() {
+        "card" => Ok(BandChoice::Card),
+        "off" | "none" => Ok(BandChoice::Off),
+        other => {
+            let (low, high) = other
+                .split_once(',')
+                .ok_or("use card, off, or LOW,HIGH (e.g. 0.3,0.4)")?;
+            let p = |v: &str| v.trim().parse::<f32>().map_err(|e| format!("{v:?}: {e}"));
+            let (low, high) = (p(low)?, p(high)?);
+            if !(0.0 <= low && low <= high && high <= 1.0) {
+                return Err(format!("need 0 <= LOW <= HIGH <= 1, got {low},{high}"));
+            }
+            Ok(BandChoice::Explicit { low, high })
+        }
+    }
 }
 
 /// The largest batch with `--max-batch-size 0` on the CPU provider.
@@ -178,9 +212,23 @@ impl ServerConfig {
         }
     }
 
-    /// The API keys of `--api-keys-file` and `--api-keys`; None when neither is given.
-    pub fn api_keys(&self) -> Result<Option<crate::http::auth::ApiKeys>, String> {
-        crate::http::auth::ApiKeys::load(self.api_keys_file.as_deref(), self.api_keys.as_deref())
+    /// The band in force for `card`, checked against its threshold.
+    pub fn band(&self, card: &crate::model_card::ModelCard) -> Result<(f32, f32), String> {
+        let t = card.decision.threshold;
+        let (low, high) = match self.indeterminate_band {
+            BandChoice::Card => match &card.decision.indeterminate {
+                Some(b) => (b.low, b.high),
+                None => (t, t),
+            },
+            BandChoice::Off => (t, t),
+            BandChoice::Explicit { low, high } => (low, high),
+        };
+        if !(low <= t && t <= high) {
+            return Err(format!(
+                "--indeterminate-band {low},{high} does not hold the model's threshold {t}"
+            ));
+        }
+        Ok((low, high))
     }
 
     /// The audit log settings, when `--audit-log` is given.
@@ -192,6 +240,11 @@ impl ServerConfig {
                 max_bytes: self.audit_log_max_bytes,
                 keep: self.audit_log_keep,
             })
+    }
+
+    /// The API keys of `--api-keys-file` and `--api-keys`; None when neither is given.
+    pub fn api_keys(&self) -> Result<Option<crate::http::auth::ApiKeys>, String> {
+        crate::http::auth::ApiKeys::load(self.api_keys_file.as_deref(), self.api_keys.as_deref())
     }
 
     /// Resolves the ONNX Runtime library path: as given if it exists, else relative to the
@@ -271,6 +324,29 @@ mod tests {
         assert!(
             ServerConfig::try_parse_from(["leuknet-server", "--audit-log-max-bytes", "0"]).is_err()
         );
+    }
+
+    #[test]
+    fn indeterminate_band_parses_card_off_and_pairs() {
+        assert_eq!(parse(&[]).indeterminate_band, BandChoice::Card);
+        assert_eq!(
+            parse(&["--indeterminate-band", "off"]).indeterminate_band,
+            BandChoice::Off
+        );
+        assert_eq!(
+            parse(&["--indeterminate-band", "0.25,0.5"]).indeterminate_band,
+            BandChoice::Explicit {
+                low: 0.25,
+                high: 0.5
+            }
+        );
+        for bad in ["0.5,0.2", "x", "0.1,1.5"] {
+            assert!(
+                ServerConfig::try_parse_from(["leuknet-server", "--indeterminate-band", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use crate::model_card::{CardError, ModelCard, TensorSpec};
 use ort::ep::ExecutionProvider as _;
-use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::session::{builder::GraphOptimizationLevel, OutputSelector, RunOptions, Session};
 use ort::value::{Tensor, ValueType};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -131,8 +131,25 @@ pub struct Engine {
     session: Session,
     input_name: String,
     probability_output: String,
+    /// The Grad-CAM output and its cells per image, when the card declares it.
+    gradcam: Option<(String, usize)>,
+    /// Feature-vector outputs fetched on every detailed run, with their widths: by default the
+    /// one the card's OOD statistics are of ([`Engine::set_vector_outputs`] changes it).
+    vectors: Vec<(String, usize)>,
     image_len: usize,
     provider: &'static str,
+}
+
+/// Everything the engine reports for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageOutput {
+    /// Probability of leukemia (calibrated when the card says so).
+    pub probability: f32,
+    /// One vector per [`Engine::set_vector_outputs`] output, in that order (by default the
+    /// features the card's OOD statistics are of; none without statistics).
+    pub vectors: Vec<Vec<f32>>,
+    /// The Grad-CAM grid, row-major, when asked for and the graph has it.
+    pub gradcam: Option<Vec<f32>>,
 }
 
 fn tensor_specs(outlets: &[ort::value::Outlet]) -> Vec<TensorSpec> {
@@ -191,10 +208,20 @@ impl Engine {
             &tensor_specs(session.outputs()),
         )?;
         let size = card.input.size as usize;
+        let gradcam = card
+            .explain
+            .as_ref()
+            .map(|e| (e.gradcam_output.clone(), (e.grid[0] * e.grid[1]) as usize));
+        let vectors = match &card.ood {
+            Some(ood) => vec![vector_output(card, &ood.features_output)?],
+            None => Vec::new(),
+        };
         Ok(Self {
             session,
             input_name: card.input.tensor.name.clone(),
             probability_output: card.probability_output.clone(),
+            gradcam,
+            vectors,
             image_len: 3 * size * size,
             provider,
         })
@@ -210,9 +237,51 @@ impl Engine {
         self.image_len
     }
 
+    /// Whether the graph has a Grad-CAM output.
+    pub fn can_explain(&self) -> bool {
+        self.gradcam.is_some()
+    }
+
+    /// Chooses the feature-vector outputs [`Engine::run_detailed`] returns (each must be a
+    /// card output of shape `[-1, width]`).
+    pub fn set_vector_outputs(
+        &mut self,
+        card: &ModelCard,
+        names: &[&str],
+    ) -> Result<(), EngineError> {
+        self.vectors = names
+            .iter()
+            .map(|name| vector_output(card, name))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
     /// Runs one batch of `batch` images laid out back to back (NCHW) and returns one
-    /// probability of leukemia per image.
+    /// probability of leukemia per image (only the probability output is asked for).
     pub fn run(&mut self, input: Vec<f32>, batch: usize) -> Result<Vec<f32>, EngineError> {
+        let outputs = self.run_outputs(input, batch, false, false)?;
+        Ok(outputs.into_iter().map(|o| o.probability).collect())
+    }
+
+    /// Runs one batch and returns, per image, the probability, the feature vectors (see
+    /// [`Engine::set_vector_outputs`]) and, when `gradcam` is set and the graph has it, the
+    /// Grad-CAM grid.
+    pub fn run_detailed(
+        &mut self,
+        input: Vec<f32>,
+        batch: usize,
+        gradcam: bool,
+    ) -> Result<Vec<ImageOutput>, EngineError> {
+        self.run_outputs(input, batch, true, gradcam)
+    }
+
+    fn run_outputs(
+        &mut self,
+        input: Vec<f32>,
+        batch: usize,
+        features: bool,
+        gradcam: bool,
+    ) -> Result<Vec<ImageOutput>, EngineError> {
         let expected = batch * self.image_len;
         if input.len() != expected || batch == 0 {
             return Err(EngineError::InputSize {
@@ -224,24 +293,74 @@ impl Engine {
         let side = ((self.image_len / 3) as f64).sqrt() as usize;
         let tensor = Tensor::from_array(([batch, 3, side, side], input.into_boxed_slice()))
             .map_err(err(EngineError::Run))?;
+        let mut selector = OutputSelector::no_default().with(self.probability_output.as_str());
+        let vectors: &[(String, usize)] = if features { &self.vectors } else { &[] };
+        let gradcam = self.gradcam.as_ref().filter(|_| gradcam);
+        for (name, _) in vectors {
+            selector = selector.with(name.as_str());
+        }
+        if let Some((name, _)) = gradcam {
+            selector = selector.with(name.as_str());
+        }
+        let options = RunOptions::new()
+            .map_err(err(EngineError::Run))?
+            .with_outputs(selector);
         let outputs = self
             .session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
+            .run_with_options(ort::inputs![self.input_name.as_str() => tensor], &options)
             .map_err(err(EngineError::Run))?;
-        let value = outputs
-            .get(self.probability_output.as_str())
-            .ok_or_else(|| EngineError::Run(format!("no output {}", self.probability_output)))?;
-        let (_, data) = value
-            .try_extract_tensor::<f32>()
-            .map_err(err(EngineError::Run))?;
-        if data.len() != batch {
-            return Err(EngineError::Run(format!(
-                "output has {} values for a batch of {batch}",
-                data.len()
-            )));
+        let read = |name: &str, per_image: usize| -> Result<Vec<Vec<f32>>, EngineError> {
+            let value = outputs
+                .get(name)
+                .ok_or_else(|| EngineError::Run(format!("no output {name}")))?;
+            let (_, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(err(EngineError::Run))?;
+            if data.len() != batch * per_image {
+                return Err(EngineError::Run(format!(
+                    "output {name} has {} values for a batch of {batch}",
+                    data.len()
+                )));
+            }
+            Ok(data.chunks(per_image).map(<[f32]>::to_vec).collect())
+        };
+        let probabilities = read(&self.probability_output, 1)?;
+        let mut per_image: Vec<Vec<Vec<f32>>> = vec![Vec::new(); batch];
+        for (name, width) in vectors {
+            for (image, v) in per_image.iter_mut().zip(read(name, *width)?) {
+                image.push(v);
+            }
         }
-        Ok(data.to_vec())
+        let mut gradcam = match gradcam {
+            Some((name, cells)) => read(name, *cells)?.into_iter().map(Some).collect(),
+            None => vec![None; batch],
+        };
+        Ok(probabilities
+            .into_iter()
+            .enumerate()
+            .map(|(i, probability)| ImageOutput {
+                probability: probability[0],
+                vectors: std::mem::take(&mut per_image[i]),
+                gradcam: gradcam[i].take(),
+            })
+            .collect())
     }
+}
+
+/// A card output of shape `[-1, width]`, with its width.
+fn vector_output(card: &ModelCard, name: &str) -> Result<(String, usize), EngineError> {
+    card.outputs
+        .iter()
+        .find(|o| o.name == name)
+        .and_then(|o| match o.shape[..] {
+            [-1, w] if w > 0 => Some((name.to_string(), w as usize)),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            EngineError::Card(CardError::Invalid(format!(
+                "{name:?} is not an output of shape [-1, width] in the card"
+            )))
+        })
 }
 
 /// Where ONNX Runtime reads the model from.

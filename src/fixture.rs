@@ -6,7 +6,7 @@
 //! narrows every layer for fast tests. Its card says `fixture: true` and, loudly, that its
 //! weights are random.
 
-use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
+use crate::model_card::{leuknet_outputs, Classes, Decision, ExplainSpec, InputSpec, ModelCard};
 use crate::onnx::writer::{
     write_leuknet_file, InputNormalization, LeukNetSpec, OnnxWriteError, WeightSource,
     PROBABILITY_OUTPUT,
@@ -125,12 +125,13 @@ fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String)
         onnx_file: FIXTURE_ONNX_FILE.into(),
         sha256,
         input: InputSpec::leuknet(spec.input_size as u32),
-        outputs: leuknet_outputs(),
+        outputs: leuknet_outputs(spec),
         probability_output: PROBABILITY_OUTPUT.into(),
         classes: Classes::leuknet(),
         decision: Decision {
             threshold: 0.5,
             chosen_by: "not chosen: random-weight fixture".into(),
+            indeterminate: None,
         },
         architecture: architecture.into(),
         training: serde_json::json!({
@@ -146,6 +147,8 @@ fn fixture_card(spec: &LeukNetSpec, width_div: usize, seed: u64, sha256: String)
             .into(),
         fixture: true,
         limitations: vec!["Random weights: its answers mean nothing.".into()],
+        explain: Some(ExplainSpec::for_spec(spec)),
+        ood: None,
     }
 }
 

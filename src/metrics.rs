@@ -40,6 +40,8 @@ pub struct Metrics {
     pub predictions: IntCounterVec,
     /// Distribution of the predicted probability of leukemia.
     pub prediction_score: Histogram,
+    /// Images whose features were unlike the training data (`in_distribution: false`).
+    pub out_of_distribution: IntCounter,
     /// Constant 1, labelled with the model in use.
     pub model_info: IntGaugeVec,
     /// 1 when ready to serve (model loaded and warmed, not draining).
@@ -179,6 +181,14 @@ impl Metrics {
                         "Predicted probability of leukemia.",
                     )
                     .buckets((1..=19).map(|i| i as f64 * 0.05).collect()),
+                )
+                .expect("valid"),
+            ),
+            out_of_distribution: reg(
+                &r,
+                IntCounter::new(
+                    "leuknet_out_of_distribution_images_total",
+                    "Images whose features were unlike the training data (in_distribution false).",
                 )
                 .expect("valid"),
             ),

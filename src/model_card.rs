@@ -79,6 +79,55 @@ pub struct Decision {
     pub threshold: f32,
     /// How the threshold was chosen (data and criterion), in words.
     pub chosen_by: String,
+    /// Probabilities in `[low, high)` are answered `indeterminate` (the server's default band;
+    /// absent: no band).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub indeterminate: Option<IndeterminateBand>,
+}
+
+/// A band of probabilities around the threshold where the model does not commit to a label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndeterminateBand {
+    /// Lowest probability answered `indeterminate`.
+    pub low: f32,
+    /// Probabilities from here up are `positive` again.
+    pub high: f32,
+    /// How the band was chosen, in words (data and criterion, with the measured figures).
+    pub chosen_by: String,
+}
+
+/// The in-graph explanation outputs of the model (see [`crate::onnx::explain`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExplainSpec {
+    /// The method, `grad-cam`.
+    pub method: String,
+    /// Output holding the map, `[-1, rows, cols]`, non-negative and not normalised.
+    pub gradcam_output: String,
+    /// Output holding the penultimate features, `[-1, width]`.
+    pub features_output: String,
+    /// Output holding the last conv block's output averaged over space, `[-1, channels]`.
+    pub pooled_output: String,
+    /// Rows and columns of the map; it covers the whole (squashed) input image.
+    pub grid: [u32; 2],
+    /// Which layer the map is of and for which output, in words.
+    pub layer: String,
+}
+
+impl ExplainSpec {
+    /// The explanation outputs the writer adds to a graph of `spec`.
+    pub fn for_spec(spec: &crate::onnx::LeukNetSpec) -> Self {
+        let side = spec.final_side() as u32;
+        ExplainSpec {
+            method: "grad-cam".into(),
+            gradcam_output: crate::onnx::GRADCAM_OUTPUT.into(),
+            features_output: crate::onnx::FEATURES_OUTPUT.into(),
+            pooled_output: crate::onnx::POOLED_OUTPUT.into(),
+            grid: [side, side],
+            layer:
+                "last conv block after its max-pool, for the leukemia logit (computed in the graph)"
+                    .into(),
+        }
+    }
 }
 
 /// The model card. Free-form sections (`architecture`, `training`, `metrics`) stay JSON so the
@@ -110,6 +159,12 @@ pub struct ModelCard {
     /// Known limits of the model, in plain sentences (measured where they give figures).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limitations: Vec<String>,
+    /// The graph's explanation outputs, when it has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<ExplainSpec>,
+    /// Statistics of the training features for the out-of-distribution score, when fitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ood: Option<crate::ood::OodStats>,
 }
 
 impl InputSpec {
@@ -132,16 +187,23 @@ impl InputSpec {
     }
 }
 
-/// The outputs of every LeukNet graph the ONNX writer produces: `logit` and `probability`,
-/// both `[-1, 1]`.
-pub fn leuknet_outputs() -> Vec<TensorSpec> {
-    [crate::onnx::LOGIT_OUTPUT, crate::onnx::PROBABILITY_OUTPUT]
+/// The outputs of every LeukNet graph the ONNX writer produces for `spec`: `logit` and
+/// `probability`, both `[-1, 1]`, then the explanation outputs `gradcam` and `features`.
+pub fn leuknet_outputs(spec: &crate::onnx::LeukNetSpec) -> Vec<TensorSpec> {
+    let scores = [crate::onnx::LOGIT_OUTPUT, crate::onnx::PROBABILITY_OUTPUT]
         .into_iter()
         .map(|name| TensorSpec {
             name: name.into(),
             shape: vec![-1, 1],
-        })
-        .collect()
+        });
+    let explain = crate::onnx::ExplainPlan::for_spec(spec)
+        .output_shapes()
+        .into_iter()
+        .map(|(name, shape)| TensorSpec {
+            name: name.into(),
+            shape,
+        });
+    scores.chain(explain).collect()
 }
 
 impl Classes {
@@ -193,6 +255,38 @@ impl ModelCard {
             )));
         }
         self.color_normalization()?;
+        if let Some(band) = &self.decision.indeterminate {
+            let t = self.decision.threshold;
+            if !(band.low <= t && t <= band.high && band.low >= 0.0 && band.high <= 1.0) {
+                return Err(CardError::Invalid(format!(
+                    "indeterminate band [{}, {}) does not hold the threshold {t} inside [0, 1]",
+                    band.low, band.high
+                )));
+            }
+        }
+        for (what, name) in [
+            self.explain
+                .as_ref()
+                .map(|e| ("explain.gradcam_output", &e.gradcam_output)),
+            self.explain
+                .as_ref()
+                .map(|e| ("explain.features_output", &e.features_output)),
+            self.ood
+                .as_ref()
+                .map(|o| ("ood.features_output", &o.features_output)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !self.outputs.iter().any(|o| &o.name == name) {
+                return Err(CardError::Invalid(format!(
+                    "{what} {name:?} is not among the outputs"
+                )));
+            }
+        }
+        if let Some(ood) = &self.ood {
+            ood.validate().map_err(CardError::Invalid)?;
+        }
         let s = self.input.size as i64;
         if self.input.tensor.shape.len() != 4 || self.input.tensor.shape[1..] != [3, s, s] {
             return Err(CardError::Invalid(format!(

@@ -30,10 +30,12 @@ pub enum ServerError {
     Thread(std::io::Error),
     #[error("warm-up failed: {0}")]
     WarmUp(EngineError),
-    #[error("API keys: {0}")]
-    ApiKeys(String),
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("cannot open the audit log {0}: {1}")]
     Audit(std::path::PathBuf, std::io::Error),
+    #[error("API keys: {0}")]
+    ApiKeys(String),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error("requests were still running after the drain timeout of {0:?}")]
@@ -101,6 +103,11 @@ pub async fn run(
         .map_err(ServerError::Thread)?;
 
     let color_norm = card.color_normalization().map_err(EngineError::Card)?;
+    let band = config.band(&card).map_err(ServerError::Config)?;
+    let band = crate::http::classify::Band {
+        low: band.0,
+        high: band.1,
+    };
     let audit = match config.audit() {
         Some(a) => {
             let path = a.path.clone();
@@ -142,6 +149,7 @@ pub async fn run(
         active_classify: std::sync::atomic::AtomicUsize::new(0),
         api_keys,
         audit,
+        band,
     });
 
     // Turn the outside signal, or a failed warm-up, into the drain signal.

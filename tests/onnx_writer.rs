@@ -90,6 +90,7 @@ fn card(spec: &LeukNetSpec, probability_output: &str) -> ModelCard {
         decision: Decision {
             threshold: 0.5,
             chosen_by: "test".into(),
+            indeterminate: None,
         },
         architecture: serde_json::Value::Null,
         training: serde_json::Value::Null,
@@ -98,6 +99,8 @@ fn card(spec: &LeukNetSpec, probability_output: &str) -> ModelCard {
         disclaimer: "test".into(),
         fixture: true,
         limitations: Vec::new(),
+        explain: None,
+        ood: None,
     }
 }
 

@@ -354,8 +354,9 @@ async fn models_health_metrics_and_page() {
     assert!(csp.contains("frame-ancestors 'none'"));
     assert_eq!(page.headers()["x-content-type-options"], "nosniff");
     let html = page.text().await.unwrap();
-    assert!(html.contains("action=\"/v1/classify\"") && html.contains("name=\"image\""));
-    assert!(!html.contains("<script"));
+    // The page (src/http/page/): the file input, and script only from a file, never inline.
+    assert!(html.contains("name=\"image\"") && html.contains("src=\"/assets/app.js"));
+    assert!(html.matches("<script").count() == html.matches("<script src=").count());
 
     let yaml = c
         .get(server.url("/openapi.yaml"))

@@ -79,7 +79,13 @@ async fn server_reproduces_the_cards_reference_predictions_on_real_images() {
         reference.len()
     );
 
-    let server = Server::start(&shipped_card_path(), &[]).await;
+    // The card's reference labels are the plain threshold's: no indeterminate band here (the
+    // band is tested in tests/explain.rs).
+    let server = Server::start(
+        &shipped_card_path(),
+        &[("LEUKNET_INDETERMINATE_BAND", "off")],
+    )
+    .await;
     server.wait_ready(Duration::from_secs(120)).await;
     let threshold = card.decision.threshold as f64;
     let (mut correct, mut correct_card, mut worst) = (0usize, 0usize, 0.0f64);

@@ -30,6 +30,10 @@ fn main() -> ExitCode {
         provider = engine.provider(),
         "model loaded"
     );
+    if let Err(e) = config.band(&card) {
+        eprintln!("leuknet-server: {e}");
+        return ExitCode::from(2);
+    }
     if card.fixture {
         tracing::warn!("serving a RANDOM-WEIGHT test fixture: its answers mean nothing");
     }

@@ -11,9 +11,10 @@ use crate::batching::{JobError, JobOutput};
 use crate::model_card::sha256_hex;
 use crate::preprocess::{self, ImageFormat, Limits, PreprocessError};
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -48,13 +49,45 @@ pub struct ImageInfo {
     pub filename: Option<String>,
 }
 
+/// Probabilities in `[low, high)` are answered `indeterminate`; `low == high` means no band.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Band {
+    pub low: f32,
+    pub high: f32,
+}
+
+/// The Grad-CAM map of one image (with `?explain=true`).
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    /// `grad-cam`.
+    pub method: &'static str,
+    /// The map normalised to its maximum, row by row; it covers the whole image as the model
+    /// saw it (squashed to a square).
+    pub grid: Vec<Vec<f32>>,
+    /// The map's raw maximum (the gradient-weighted activation), before normalising.
+    pub grid_max: f32,
+    /// RGBA PNG overlay of the map, base64; stretch it over the whole image.
+    pub overlay_png_base64: String,
+    pub overlay_width: u32,
+    pub overlay_height: u32,
+}
+
 /// The answer for one image.
 #[derive(Debug, Serialize)]
 pub struct ClassifyResult {
+    /// The positive or negative class, or `indeterminate` inside the band.
     pub label: String,
-    /// Probability of leukemia.
+    /// Calibrated probability of leukemia.
     pub probability: f32,
     pub threshold: f32,
+    pub indeterminate_band: Band,
+    /// Distance of the image's features to the training data (null when the card has no
+    /// statistics); `in_distribution` is false at or above `ood_threshold`.
+    pub ood_score: Option<f32>,
+    pub ood_threshold: Option<f32>,
+    pub in_distribution: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
     pub model: ModelRef,
     pub execution_provider: &'static str,
     pub timings: Timings,
@@ -100,6 +133,7 @@ fn ms(d: Duration) -> f64 {
 /// Handles `POST /v1/classify`.
 pub async fn classify(
     State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -108,6 +142,12 @@ pub async fn classify(
     let _active = ActiveGuard::enter(&state);
     if state.shutdown.is_draining() {
         return Err(ApiError::ShuttingDown);
+    }
+    let explain = parse_explain(query.as_deref())?;
+    if explain && state.card.explain.is_none() {
+        return Err(ApiError::BadRequest(
+            "explain=true: this model has no Grad-CAM output (re-export it, see README)".into(),
+        ));
     }
     let (uploads, ids) = read_uploads(&state, &headers, body).await?;
     let span = tracing::Span::current();
@@ -125,7 +165,7 @@ pub async fn classify(
         .unzip();
     let receivers = state
         .queue
-        .submit(tensors, deadline)
+        .submit(tensors, deadline, explain)
         .map_err(|full| ApiError::QueueFull(full.to_string(), retry_after_secs(&state)))?;
 
     let mut outputs: Vec<JobOutput> = Vec::with_capacity(receivers.len());
@@ -154,11 +194,44 @@ pub async fn classify(
         .zip(outputs)
         .zip(uploads)
         .map(|((d, out), upload)| {
-            let label = if out.probability >= threshold {
+            let p = out.probability;
+            let label = if state.band.low <= p && p < state.band.high {
+                INDETERMINATE
+            } else if p >= threshold {
                 &card.classes.positive
             } else {
                 &card.classes.negative
             };
+            let ood_score = card
+                .ood
+                .as_ref()
+                .zip(out.features.as_deref())
+                .map(|(ood, f)| ood.score(f));
+            let in_distribution = card
+                .ood
+                .as_ref()
+                .zip(ood_score)
+                .map(|(o, s)| o.in_distribution(s));
+            if in_distribution == Some(false) {
+                state.metrics.out_of_distribution.inc();
+            }
+            let explanation = out
+                .gradcam
+                .as_deref()
+                .zip(card.explain.as_ref())
+                .map(|(grid, e)| {
+                    let [rows, cols] = e.grid.map(|v| v as usize);
+                    let size = card.input.size;
+                    Explanation {
+                        method: "grad-cam",
+                        grid: crate::heatmap::normalised_rows(grid, cols),
+                        grid_max: grid.iter().copied().fold(0f32, f32::max),
+                        overlay_png_base64: base64::engine::general_purpose::STANDARD
+                            .encode(crate::heatmap::overlay_png(grid, rows, cols, size)),
+                        overlay_width: size,
+                        overlay_height: size,
+                    }
+                });
             state.metrics.predictions.with_label_values(&[label]).inc();
             state
                 .metrics
@@ -170,9 +243,14 @@ pub async fn classify(
                 max.2.max(out.inference_time),
             );
             ClassifyResult {
-                label: label.clone(),
+                label: label.to_string(),
                 probability: out.probability,
                 threshold,
+                indeterminate_band: state.band,
+                ood_score,
+                ood_threshold: card.ood.as_ref().map(|o| o.threshold),
+                in_distribution,
+                explanation,
                 model: ModelRef {
                     name: card.name.clone(),
                     version: card.version.clone(),
@@ -254,6 +332,32 @@ async fn render(
         HeaderValue::from_static(super::fhir::CONTENT_TYPE),
     );
     Ok(([fhir_type, vary], body).into_response())
+}
+
+/// The label inside the indeterminate band.
+pub const INDETERMINATE: &str = "indeterminate";
+
+/// `explain=true|false|1|0` is the only query parameter.
+fn parse_explain(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut explain = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match (key, value) {
+            ("explain", "true" | "1") => explain = true,
+            ("explain", "false" | "0") => explain = false,
+            ("explain", other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "explain={other:?}: use explain=true or explain=false"
+                )))
+            }
+            (other, _) => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}: the only one is explain"
+                )))
+            }
+        }
+    }
+    Ok(explain)
 }
 
 /// Counts an accepted classify request until it is answered (or its client leaves).

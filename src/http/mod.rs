@@ -93,6 +93,9 @@ pub struct AppState {
     pub api_keys: Option<auth::ApiKeys>,
     /// The audit log (`--audit-log`), when enabled: one line per classified image.
     pub audit: Option<crate::audit::AuditLog>,
+    /// Probabilities answered `indeterminate` (the card's band, or the `--indeterminate-band`
+    /// flag's; `low == high` when off).
+    pub band: classify::Band,
 }
 
 impl AppState {

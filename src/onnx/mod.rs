@@ -6,9 +6,13 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+pub mod explain;
 pub mod storage;
 pub mod writer;
 
+pub use explain::{
+    add_explain_outputs, ExplainPlan, FEATURES_OUTPUT, GRADCAM_OUTPUT, POOLED_OUTPUT,
+};
 pub use storage::{quantize_int8, WeightStorage};
 pub use writer::{
     write_leuknet, write_leuknet_file, write_leuknet_to, InputNormalization, LeukNetSpec,

@@ -1,4 +1,5 @@
-//! Writes the LeukNet inference graph (VGG conv base + fully connected head + sigmoid) as ONNX.
+//! Writes the LeukNet inference graph (VGG conv base + fully connected head + sigmoid) as ONNX,
+//! with the explanation outputs of [`super::explain`] (Grad-CAM map, penultimate features).
 //!
 //! The graph is built from a [`LeukNetSpec`] and named f32 tensors whose names follow
 //! torchvision's `nn.Sequential` numbering (`features.{i}`, `classifier.{j}`), so the trainer,
@@ -13,6 +14,7 @@
 //! [`super::storage`]); conversion nodes at the head of the graph rebuild the f32 weights, so the
 //! layer nodes are the same for every storage.
 
+use super::explain::ExplainPlan;
 use super::proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
@@ -598,7 +600,10 @@ fn build_graph(spec: &LeukNetSpec, stored: &[StoredParameter]) -> GraphProto {
             }
         }
     }
+    let mut explain = ExplainPlan::for_spec(spec);
+    explain.pooled = x.clone();
     x = g.flatten(&x);
+    explain.flattened = x.clone();
     let linears = spec.linear_layers();
     for (k, &(j, _, _)) in linears.iter().enumerate() {
         if k + 1 < linears.len() {
@@ -611,6 +616,7 @@ fn build_graph(spec: &LeukNetSpec, stored: &[StoredParameter]) -> GraphProto {
         }
     }
     g.node("Sigmoid", "sigmoid", &[&x], PROBABILITY_OUTPUT, vec![]);
+    let explain_outputs = explain.append(&mut g.nodes, &mut g.constants);
 
     GraphProto {
         name: Some("leuknet".into()),
@@ -625,10 +631,13 @@ fn build_graph(spec: &LeukNetSpec, stored: &[StoredParameter]) -> GraphProto {
                 Dim::Fixed(side),
             ],
         )],
-        output: vec![
+        output: [
             value_info(LOGIT_OUTPUT, &[Dim::Batch, Dim::Fixed(1)]),
             value_info(PROBABILITY_OUTPUT, &[Dim::Batch, Dim::Fixed(1)]),
-        ],
+        ]
+        .into_iter()
+        .chain(explain_outputs)
+        .collect(),
         ..Default::default()
     }
 }

@@ -13,7 +13,7 @@
 //! disturbs an earlier export of the same name.
 
 use crate::engine::{self, EngineError, EngineOptions, DEFAULT_ORT_LIBRARY};
-use crate::model_card::{leuknet_outputs, Classes, Decision, InputSpec, ModelCard};
+use crate::model_card::{leuknet_outputs, Classes, Decision, ExplainSpec, InputSpec, ModelCard};
 pub use crate::onnx::WeightStorage;
 use crate::onnx::{write_leuknet_file, LeukNetSpec, OnnxWriteError, PROBABILITY_OUTPUT};
 use crate::train::model::LeukNet;
@@ -475,12 +475,13 @@ fn build_card(
         onnx_file: onnx_file.into(),
         sha256,
         input: InputSpec::leuknet(spec.input_size as u32),
-        outputs: leuknet_outputs(),
+        outputs: leuknet_outputs(spec),
         probability_output: PROBABILITY_OUTPUT.into(),
         classes: Classes::leuknet(),
         decision: Decision {
             threshold: fields.threshold,
             chosen_by: fields.threshold_chosen_by.clone(),
+            indeterminate: None,
         },
         architecture: architecture.into(),
         training: fields.training.clone(),
@@ -489,6 +490,8 @@ fn build_card(
         disclaimer: fields.disclaimer.clone(),
         fixture: false,
         limitations: fields.limitations.clone(),
+        explain: Some(ExplainSpec::for_spec(spec)),
+        ood: None,
     }
 }
 
