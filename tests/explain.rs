@@ -243,19 +243,11 @@ async fn shipped_model_flags_non_smear_images_and_explains_real_ones() {
         eprintln!("skipping the real-image part: ../shared/data not found (set LEUKNET_DATA)");
         return;
     };
-    let manifest = std::fs::read_to_string(dir.join("MANIFEST.csv")).unwrap();
-    let path_of: std::collections::HashMap<&str, &str> = manifest
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            Some((*f.get(5)?, *f.get(1)?))
-        })
-        .collect();
+    let path_of = manifest_paths_by_sha256(&dir);
     let refs = card.metrics["reference_predictions"].as_array().unwrap();
     let mut inside = 0;
     for r in refs.iter().take(12) {
-        let rel = path_of[r["sha256"].as_str().unwrap()];
+        let rel = &path_of[r["sha256"].as_str().unwrap()];
         let bytes = std::fs::read(dir.join(rel)).unwrap();
         let body: serde_json::Value = classify(&server, "?explain=true", bytes)
             .await

@@ -5,9 +5,8 @@
 
 mod common;
 
-use common::{data_dir, Server};
+use common::{data_dir, manifest_paths_by_sha256, Server};
 use leuknet::model_card::ModelCard;
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -60,15 +59,7 @@ async fn server_reproduces_the_cards_reference_predictions_on_real_images() {
         eprintln!("skipping: ../shared/data not found (set LEUKNET_DATA)");
         return;
     };
-    let manifest = std::fs::read_to_string(dir.join("MANIFEST.csv")).expect("manifest");
-    let by_sha: HashMap<&str, &str> = manifest
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            Some((*f.get(5)?, *f.get(1)?))
-        })
-        .collect();
+    let by_sha = manifest_paths_by_sha256(&dir);
     let reference = card.metrics["reference_predictions"]
         .as_array()
         .expect("reference_predictions is a list")

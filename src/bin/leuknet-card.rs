@@ -46,55 +46,59 @@ enum Command {
         card: PathBuf,
     },
     /// Fits the OOD statistics and the indeterminate band, measures them, updates the card.
-    FitOod {
-        /// The model card.
-        #[arg(
-            long,
-            env = "LEUKNET_MODEL_CARD",
-            default_value = "models/leuknet.json"
-        )]
-        card: PathBuf,
-        /// The shared data folder (holds MANIFEST.csv).
-        #[arg(long, env = "LEUKNET_DATA", default_value = "../shared/data")]
-        data: PathBuf,
-        /// Where the report goes.
-        #[arg(long)]
-        out_dir: PathBuf,
-        /// Fraction of images held out from fitting (chosen by their sha256, so fixed).
-        #[arg(long, default_value_t = 0.2)]
-        holdout: f64,
-        /// Quantile of the fitting images' scores used as the OOD threshold.
-        #[arg(long, default_value_t = 0.99)]
-        quantile: f64,
-        /// Covariance shrinkage (fraction of the mean variance added to the diagonal). 0.1 is
-        /// the smallest of 0.01, 0.1, 0.3, 1 that flags at most 5 % of the held-out smears of
-        /// the shipped model (docs/experiments/2026-12-07-ood).
-        #[arg(long, default_value_t = 0.1)]
-        shrinkage: f32,
-        /// Accuracy the decided (non-indeterminate) images must reach on the held-out images
-        /// for the narrowest band around the threshold.
-        #[arg(long, default_value_t = 0.99)]
-        band_accuracy: f64,
-        /// Generated images per non-smear kind.
-        #[arg(long, default_value_t = 100)]
-        synthetic: u64,
-        /// At most this many images per dataset (0: all); for quick checks.
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        /// Images per model run.
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        /// Seed for the generated images.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Which output's statistics go into the card (both are measured).
-        #[arg(long, default_value = "pooled")]
-        ship: String,
-        /// Keep the model's outputs per image (by the sha256 of its bytes) in this JSON file,
-        /// so refitting with other settings does not run the model again.
-        #[arg(long)]
-        cache: Option<PathBuf>,
-    },
+    FitOod(FitOptions),
+}
+
+/// `fit-ood` options.
+#[derive(Debug, clap::Args)]
+struct FitOptions {
+    /// The model card.
+    #[arg(
+        long,
+        env = "LEUKNET_MODEL_CARD",
+        default_value = "models/leuknet.json"
+    )]
+    card: PathBuf,
+    /// The shared data folder (holds MANIFEST.csv).
+    #[arg(long, env = "LEUKNET_DATA", default_value = "../shared/data")]
+    data: PathBuf,
+    /// Where the report goes.
+    #[arg(long)]
+    out_dir: PathBuf,
+    /// Fraction of images held out from fitting (chosen by their sha256, so fixed).
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Quantile of the fitting images' scores used as the OOD threshold.
+    #[arg(long, default_value_t = 0.99)]
+    quantile: f64,
+    /// Covariance shrinkage (fraction of the mean variance added to the diagonal). 0.1 is
+    /// the smallest of 0.01, 0.1, 0.3, 1 that flags at most 5 % of the held-out smears of
+    /// the shipped model (docs/experiments/2026-12-07-ood).
+    #[arg(long, default_value_t = 0.1)]
+    shrinkage: f32,
+    /// Accuracy the decided (non-indeterminate) images must reach on the held-out images
+    /// for the narrowest band around the threshold.
+    #[arg(long, default_value_t = 0.99)]
+    band_accuracy: f64,
+    /// Generated images per non-smear kind.
+    #[arg(long, default_value_t = 100)]
+    synthetic: u64,
+    /// At most this many images per dataset (0: all); for quick checks.
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Images per model run.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
+    /// Seed for the generated images.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Which output's statistics go into the card (both are measured).
+    #[arg(long, default_value = "pooled")]
+    ship: String,
+    /// Keep the model's outputs per image (by the sha256 of its bytes) in this JSON file,
+    /// so refitting with other settings does not run the model again.
+    #[arg(long)]
+    cache: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -102,35 +106,7 @@ fn main() -> Result<()> {
     engine::init_runtime(&args.ort_library)?;
     match args.command {
         Command::AddExplain { card } => add_explain(&card),
-        Command::FitOod {
-            card,
-            data,
-            out_dir,
-            holdout,
-            quantile,
-            shrinkage,
-            band_accuracy,
-            synthetic,
-            limit,
-            batch,
-            seed,
-            cache,
-            ship,
-        } => fit_ood(&FitOptions {
-            card,
-            data,
-            out_dir,
-            holdout,
-            quantile,
-            shrinkage,
-            band_accuracy,
-            synthetic,
-            limit,
-            batch: batch.max(1),
-            seed,
-            cache,
-            ship,
-        }),
+        Command::FitOod(options) => fit_ood(&options),
     }
 }
 
@@ -244,22 +220,6 @@ fn add_explain(card_path: &Path) -> Result<()> {
     Ok(())
 }
 
-struct FitOptions {
-    card: PathBuf,
-    data: PathBuf,
-    out_dir: PathBuf,
-    holdout: f64,
-    quantile: f64,
-    shrinkage: f32,
-    band_accuracy: f64,
-    synthetic: u64,
-    limit: usize,
-    batch: usize,
-    seed: u64,
-    cache: Option<PathBuf>,
-    ship: String,
-}
-
 /// The model's outputs per image, by the sha256 of the encoded bytes.
 type Cache = std::collections::HashMap<String, (f32, Vec<Vec<f32>>)>;
 
@@ -332,7 +292,7 @@ fn infer(
         .filter(|&i| !cache.contains_key(&keys[i]))
         .collect();
     bar.inc((images.len() - todo.len()) as u64);
-    for chunk in todo.chunks(batch) {
+    for chunk in todo.chunks(batch.max(1)) {
         let mut input = Vec::with_capacity(chunk.len() * engine.image_len());
         for &i in chunk {
             let mut p = preprocess::preprocess(&images[i], size, &Limits::default())?;
@@ -407,7 +367,14 @@ fn fit_ood(o: &FitOptions) -> Result<()> {
     }
     let mut cache = load_cache(o.cache.as_deref());
     let progress = bar(rows.len() as u64, "shared images");
-    let outputs = infer(&mut engine, &card, &images, o.batch, &progress, &mut cache)?;
+    let outputs = infer(
+        &mut engine,
+        &card,
+        &images,
+        o.batch as usize,
+        &progress,
+        &mut cache,
+    )?;
     progress.finish();
     save_cache(o.cache.as_deref(), &cache)?;
     let holdout: Vec<bool> = rows
@@ -433,7 +400,14 @@ fn fit_ood(o: &FitOptions) -> Result<()> {
             .map(|i| synthetic::make(kind, i, o.seed, &smears))
             .collect();
         let progress = bar(encoded.len() as u64, kind.name());
-        let outs = infer(&mut engine, &card, &encoded, o.batch, &progress, &mut cache)?;
+        let outs = infer(
+            &mut engine,
+            &card,
+            &encoded,
+            o.batch as usize,
+            &progress,
+            &mut cache,
+        )?;
         progress.finish();
         save_cache(o.cache.as_deref(), &cache)?;
         generated.push((kind, outs));

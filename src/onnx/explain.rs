@@ -9,11 +9,12 @@
 //! a graph the writer is building, and [`add_explain_outputs`] to an existing LeukNet file.
 
 use super::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 };
-use super::writer::{LeukNetSpec, OnnxWriteError, VggLayer};
+use super::writer::{
+    attr_int, attr_ints, f32_tensor, int64_tensor, value_info, Dim, LeukNetSpec, OnnxWriteError,
+    VggLayer,
+};
 
 /// Name of the Grad-CAM output, `[batch, side, side]`, non-negative, not normalised.
 pub const GRADCAM_OUTPUT: &str = "gradcam";
@@ -101,28 +102,15 @@ impl ExplainPlan {
             });
             output
         };
-        constants.push(tensor(
-            "explain.zero",
-            &[],
-            DataType::Float,
-            &0f32.to_le_bytes(),
-        ));
-        let shape: Vec<u8> = [
+        constants.push(f32_tensor("explain.zero", &[], &[0.0]));
+        let shape = [
             -1i64,
             self.channels as i64,
             self.side as i64,
             self.side as i64,
-        ]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-        constants.push(tensor("explain.grad_shape", &[4], DataType::Int64, &shape));
-        constants.push(tensor(
-            "explain.channel_axis",
-            &[1],
-            DataType::Int64,
-            &1i64.to_le_bytes(),
-        ));
+        ];
+        constants.push(int64_tensor("explain.grad_shape", &[4], &shape));
+        constants.push(int64_tensor("explain.channel_axis", &[1], &[1]));
 
         let mut grad = self.last_weight.clone();
         for (k, (relu_out, weight)) in self.hidden.iter().enumerate().rev() {
@@ -255,58 +243,13 @@ pub fn add_explain_outputs(
     Ok(())
 }
 
-fn tensor(name: &str, dims: &[i64], data_type: DataType, raw: &[u8]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(data_type as i32),
-        raw_data: Some(raw.to_vec()),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, value: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(value),
-        ..Default::default()
-    }
-}
-
-fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: values.to_vec(),
-        ..Default::default()
-    }
-}
-
-/// An f32 tensor value-info; `-1` becomes the symbolic `batch` dimension.
+/// An f32 graph output; `-1` marks the batch dimension.
 fn float_value_info(name: &str, shape: &[i64]) -> ValueInfoProto {
-    let dim = shape
+    let dims: Vec<Dim> = shape
         .iter()
-        .map(|&d| tensor_shape_proto::Dimension {
-            value: Some(if d < 0 {
-                tensor_shape_proto::dimension::Value::DimParam("batch".into())
-            } else {
-                tensor_shape_proto::dimension::Value::DimValue(d)
-            }),
-            ..Default::default()
-        })
+        .map(|&d| if d < 0 { Dim::Batch } else { Dim::Fixed(d) })
         .collect();
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(TensorShapeProto { dim }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    value_info(name, &dims)
 }
 
 #[cfg(test)]

@@ -885,12 +885,13 @@ impl GraphBuilder {
     }
 }
 
-enum Dim {
+/// A dimension of a declared graph input or output.
+pub(super) enum Dim {
     Batch,
     Fixed(i64),
 }
 
-fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
+pub(super) fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| tensor_shape_proto::Dimension {
@@ -914,7 +915,7 @@ fn value_info(name: &str, dims: &[Dim]) -> ValueInfoProto {
     }
 }
 
-fn attr_int(name: &str, value: i64) -> AttributeProto {
+pub(super) fn attr_int(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Int as i32),
@@ -923,7 +924,7 @@ fn attr_int(name: &str, value: i64) -> AttributeProto {
     }
 }
 
-fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
+pub(super) fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Ints as i32),
@@ -949,14 +950,14 @@ fn tensor_header<D: Copy + TryInto<i64>>(
     }
 }
 
-fn f32_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
+pub(super) fn f32_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
     TensorProto {
         raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
         ..tensor_header(name, dims, DataType::Float)
     }
 }
 
-fn int64_tensor(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
+pub(super) fn int64_tensor(name: &str, dims: &[i64], values: &[i64]) -> TensorProto {
     TensorProto {
         raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
         ..tensor_header(name, dims, DataType::Int64)

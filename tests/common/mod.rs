@@ -62,6 +62,19 @@ pub fn real_images() -> Option<Vec<(&'static str, Vec<u8>, &'static str)>> {
     ])
 }
 
+/// MANIFEST.csv of the data folder `dir`, as sha256 -> relative path.
+pub fn manifest_paths_by_sha256(dir: &Path) -> std::collections::HashMap<String, String> {
+    let manifest = std::fs::read_to_string(dir.join("MANIFEST.csv")).expect("manifest");
+    manifest
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some((f.get(5)?.to_string(), f.get(1)?.to_string()))
+        })
+        .collect()
+}
+
 /// The first file of a dataset in the manifest.
 pub fn first_of(dataset: &str) -> Option<Vec<u8>> {
     let dir = data_dir()?;
