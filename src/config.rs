@@ -130,6 +130,12 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
 
+    /// Origins (e.g. `https://lis.example.org`, comma-separated) whose web pages may call the
+    /// API from a browser (CORS). Empty (the default): no CORS headers, so browsers allow only
+    /// pages served by this server itself.
+    #[arg(long, env = "LEUKNET_CORS_ALLOW_ORIGINS", value_delimiter = ',')]
+    pub cors_allow_origins: Vec<String>,
+
     /// Probabilities answered `indeterminate` instead of a label: `card` (the model card's
     /// band), `off`, or `LOW,HIGH` (probabilities in [LOW, HIGH); must hold the threshold).
     #[arg(long, env = "LEUKNET_INDETERMINATE_BAND", default_value = "card", value_parser = parse_band)]

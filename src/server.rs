@@ -69,6 +69,14 @@ pub async fn run(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let api_keys = config.api_keys().map_err(ServerError::ApiKeys)?;
+    let cors_allow_origins = config
+        .cors_allow_origins
+        .iter()
+        .map(|o| {
+            axum::http::HeaderValue::from_str(o.trim())
+                .map_err(|_| ServerError::Config(format!("--cors-allow-origins: bad origin {o:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(keys) = &api_keys {
         tracing::info!(names = ?keys.names(), "API keys required (all routes but health, metrics and the page)");
     }
@@ -148,6 +156,7 @@ pub async fn run(
         ),
         active_classify: std::sync::atomic::AtomicUsize::new(0),
         api_keys,
+        cors_allow_origins,
         audit,
         band,
     });

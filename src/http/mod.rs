@@ -91,6 +91,8 @@ pub struct AppState {
     pub active_classify: std::sync::atomic::AtomicUsize,
     /// API keys (`--api-keys-file`, `--api-keys`); None: every route is open.
     pub api_keys: Option<auth::ApiKeys>,
+    /// Origins allowed to call the API from a browser (`--cors-allow-origins`); empty: CORS off.
+    pub cors_allow_origins: Vec<HeaderValue>,
     /// The audit log (`--audit-log`), when enabled: one line per classified image.
     pub audit: Option<crate::audit::AuditLog>,
     /// Probabilities answered `indeterminate` (the card's band, or the `--indeterminate-band`
@@ -169,7 +171,8 @@ pub const ROUTES: &[RouteDoc] = &[
 /// Builds the router with every route, fallback and middleware.
 pub fn app(state: Arc<AppState>) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
-    Router::new()
+    let cors = cors_layer(&state.cors_allow_origins);
+    let router = Router::new()
         .route("/v1/classify", post(classify::classify))
         .route("/v1/models", get(info::models))
         .route("/health/live", get(info::live))
@@ -210,7 +213,40 @@ pub fn app(state: Arc<AppState>) -> Router {
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .with_state(state)
+        .with_state(state);
+    // Outermost, so that a browser's preflight is answered before authentication.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for the configured origins (none: no layer, no CORS headers): the API's methods, the
+/// request headers a client sends, and the response headers worth reading.
+fn cors_layer(origins: &[HeaderValue]) -> Option<tower_http::cors::CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let name = HeaderName::from_static;
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins.to_vec())
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::ACCEPT,
+                name("x-request-id"),
+                name("x-accession-id"),
+                name("x-specimen-id"),
+            ])
+            .expose_headers([
+                name("x-request-id"),
+                name("server-timing"),
+                header::RETRY_AFTER,
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
