@@ -112,9 +112,13 @@ pub struct ClassifyResponse {
     pub results: Vec<ClassifyResult>,
 }
 
-struct Upload {
-    bytes: Bytes,
-    filename: Option<String>,
+/// One image of a request body.
+#[derive(Debug)]
+pub struct Upload {
+    /// The image's bytes.
+    pub bytes: Bytes,
+    /// File name from the multipart part, when given.
+    pub filename: Option<String>,
 }
 
 struct Decoded {
@@ -451,14 +455,29 @@ async fn read_uploads(
     if bytes.is_empty() {
         return Err(ApiError::EmptyBody);
     }
-    if !multipart {
+    let uploads = split_body(&content_type, bytes, &mut ids, state.limits.max_images).await?;
+    Ok((uploads, ids))
+}
+
+/// Splits a whole request body into its images: a raw image body is one upload; a multipart
+/// form gives one upload per `image` part (at most `max_images`, else 413), sets the identifier
+/// fields in `ids`, and ignores other fields. No I/O (async only because `multer` is): the fuzz
+/// target `fuzz/fuzz_targets/classify_body.rs` drives it directly.
+pub async fn split_body(
+    content_type: &str,
+    bytes: Bytes,
+    ids: &mut Identifiers,
+    max_images: usize,
+) -> Result<Vec<Upload>, ApiError> {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("multipart/form-data") {
         let upload = Upload {
             bytes,
             filename: None,
         };
-        return Ok((vec![upload], ids));
+        return Ok(vec![upload]);
     }
-    let boundary = multer::parse_boundary(&content_type)
+    let boundary = multer::parse_boundary(content_type)
         .map_err(|e| ApiError::BadRequest(format!("multipart boundary: {e}")))?;
     let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(bytes) });
     let mut form = multer::Multipart::new(stream, boundary);
@@ -480,10 +499,10 @@ async fn read_uploads(
         if field.name() != Some("image") {
             continue;
         }
-        if uploads.len() == state.limits.max_images {
+        if uploads.len() == max_images {
             return Err(ApiError::TooManyImages {
                 count: uploads.len() + 1,
-                limit: state.limits.max_images,
+                limit: max_images,
             });
         }
         let filename = field.file_name().map(str::to_string);
@@ -496,7 +515,7 @@ async fn read_uploads(
     if uploads.is_empty() {
         return Err(ApiError::MissingImage);
     }
-    Ok((uploads, ids))
+    Ok(uploads)
 }
 
 /// Preprocesses every upload in parallel on the blocking pool (bounded by the decode permits).
