@@ -41,6 +41,8 @@ RUN set -eu; \
 #    files' own mtimes, which can be older than the stub build, so touch them: cargo must see the
 #    real sources as newer than the cached stub artefacts.
 COPY openapi.yaml ./
+# src/synthetic.rs embeds the font it draws text with (OOD measurements; Bitstream Vera licence).
+COPY assets/fonts/DejaVuSans.ttf assets/fonts/DejaVuSans.ttf
 COPY src/ src/
 RUN find src -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --bin leuknet-server \
