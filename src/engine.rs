@@ -237,11 +237,6 @@ impl Engine {
         self.image_len
     }
 
-    /// Whether the graph has a Grad-CAM output.
-    pub fn can_explain(&self) -> bool {
-        self.gradcam.is_some()
-    }
-
     /// Chooses the feature-vector outputs [`Engine::run_detailed`] returns (each must be a
     /// card output of shape `[-1, width]`).
     pub fn set_vector_outputs(

@@ -308,6 +308,16 @@ impl ModelCard {
         }
     }
 
+    /// The card as JSON with the out-of-distribution statistics summarised (their precision
+    /// matrix is feature-width squared: the card file has it), as `GET /v1/models` shows it.
+    pub fn summary_json(&self) -> serde_json::Value {
+        let mut card = serde_json::to_value(self).unwrap_or_default();
+        if let (Some(ood), Some(object)) = (&self.ood, card.as_object_mut()) {
+            object.insert("ood".into(), ood.summary());
+        }
+        card
+    }
+
     /// Path of the ONNX file this card describes, relative to the card's own location.
     pub fn onnx_path(&self, card_path: &Path) -> PathBuf {
         card_path

@@ -126,7 +126,9 @@ pub async fn run(
         }
         None => None,
     };
+    let card_summary = card.summary_json();
     let state = Arc::new(AppState {
+        card_summary,
         color_norm,
         card,
         queue,

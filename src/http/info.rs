@@ -16,14 +16,9 @@ pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 /// `GET /v1/models`: the model card (out-of-distribution statistics summarised) plus runtime
 /// facts.
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    let mut card = serde_json::to_value(&state.card).unwrap_or_default();
-    if let (Some(ood), Some(object)) = (&state.card.ood, card.as_object_mut()) {
-        // The statistics are a feature-width square matrix: the card file has them.
-        object.insert("ood".into(), ood.summary());
-    }
     Json(json!({
         "models": [{
-            "card": card,
+            "card": state.card_summary,
             "runtime": state.runtime,
             "ready": state.is_ready(),
         }]

@@ -70,6 +70,8 @@ pub struct RuntimeInfo {
 pub struct AppState {
     /// The model card of the served model.
     pub card: ModelCard,
+    /// The card as `/v1/models` shows it ([`ModelCard::summary_json`]), made once at start-up.
+    pub card_summary: serde_json::Value,
     /// The card's colour normalisation, applied after preprocessing as in training.
     pub color_norm: crate::color_norm::ColorNormalization,
     /// The batching queue in front of the engine.
