@@ -27,22 +27,25 @@ use super::Pixels;
 /// Bits looked up at once when decoding a Huffman symbol.
 const LUT_BITS: u32 = 10;
 
-/// [`Huffman::ac`]: the `run + 1` that an end of block adds (it lifts the position past
-/// [`AC_END_OF_BLOCK`]), and the flag of entries to decode the slow way.
+/// The `run + 1` that an end of block adds to the position in [`Huffman::skip`] entries and
+/// the slow path: it lifts the position past [`AC_END_OF_BLOCK`].
 const AC_EOB_ADVANCE: u32 = 128;
 /// Positions at or past this after a block mean it ended with an EOB.
 const AC_END_OF_BLOCK: u32 = 128;
-const AC_SLOW: u32 = 1 << 16;
+/// Bits looked up at once when skipping AC coefficients (several per lookup).
+const SKIP_BITS: u32 = 12;
 
 /// One Huffman table: lookup tables for short codes, the canonical-code limits for long ones.
 struct Huffman {
     /// For each `LUT_BITS`-bit prefix: `symbol | code_length << 8`, or 0 for longer codes.
     lut: Box<[u16; 1 << LUT_BITS]>,
-    /// The same prefixes for an AC table, ready to skip a coefficient: bits to drop
-    /// (`code_length + size`, bits 0..8) and how far the position moves (`run + 1`, bits
-    /// 8..16; [`AC_EOB_ADVANCE`] for an end of block); [`AC_SLOW`] for longer codes, sixteen
-    /// zeros (rare) and EOB runs (not baseline).
-    ac: Box<[u32; 1 << LUT_BITS]>,
+    /// For each [`SKIP_BITS`]-bit prefix: as many whole AC coefficients (code and extra
+    /// bits, possibly ending with an EOB) as it holds, ready to skip in one step: bits to
+    /// drop (bits 0..8), how far the position moves (sum of `run + 1`, plus
+    /// [`AC_EOB_ADVANCE`] for a final EOB; bits 8..16) and the largest position the step may
+    /// start from without running past the block's end (bits 16..24; 0 = never: the prefix
+    /// starts with a long code, sixteen zeros or an EOB run). Built for AC tables only.
+    skip: Option<Box<[u32; 1 << SKIP_BITS]>>,
     /// Largest code of each length (index = length - 1), -1 when there is none.
     maxcode: [i32; 16],
     /// `index of the first value of that length - first code of that length`.
@@ -80,26 +83,59 @@ impl Huffman {
             }
             code <<= 1;
         }
-        let mut ac = Box::new([0u32; 1 << LUT_BITS]);
-        for (a, &e) in ac.iter_mut().zip(lut.iter()) {
-            *a = {
-                let (symbol, len) = (u32::from(e & 0xFF), u32::from(e >> 8));
-                let (r, s) = (symbol >> 4, symbol & 15);
-                match (e, r, s) {
-                    (0, _, _) => AC_SLOW,
-                    (_, 0, 0) => len | AC_EOB_ADVANCE << 8,
-                    (_, _, 0) => AC_SLOW,
-                    _ => (len + s) | (r + 1) << 8,
-                }
-            };
-        }
         Some(Huffman {
             lut,
-            ac,
+            skip: None,
             maxcode,
             delta,
             values: values.to_vec(),
         })
+    }
+
+    /// The symbol and code length at the start of the `avail` (<= 16) left-aligned bits of
+    /// `window` (a [`SKIP_BITS`]-bit value), when a whole code is there.
+    fn prefix_symbol(&self, window: u32, avail: u32) -> Option<(u32, u32)> {
+        for len in 1..=avail.min(16) {
+            let code = (window >> (SKIP_BITS - len)) as i32;
+            if code <= self.maxcode[len as usize - 1] {
+                let index = (code + self.delta[len as usize - 1]) as usize;
+                return Some((u32::from(*self.values.get(index)?), len));
+            }
+        }
+        None
+    }
+
+    /// Adds the [`Huffman::skip`] table (for an AC table).
+    fn with_skip_table(mut self) -> Self {
+        let mask = (1u32 << SKIP_BITS) - 1;
+        let mut skip = Box::new([0u32; 1 << SKIP_BITS]);
+        for (prefix, entry) in skip.iter_mut().enumerate() {
+            let (mut used, mut advance) = (0u32, 0u32);
+            while used < SKIP_BITS {
+                let window = ((prefix as u32) << used) & mask;
+                let Some((rs, len)) = self.prefix_symbol(window, SKIP_BITS - used) else {
+                    break;
+                };
+                let (r, s) = (rs >> 4, rs & 15);
+                if s == 0 {
+                    // An EOB ends the step (if the block may still hold one: position < 64);
+                    // sixteen zeros and EOB runs go the slow way.
+                    if r == 0 && advance < 63 {
+                        *entry =
+                            (used + len) | (advance + AC_EOB_ADVANCE) << 8 | (63 - advance) << 16;
+                    }
+                    break;
+                }
+                if used + len + s > SKIP_BITS || advance + r + 1 > 63 {
+                    break;
+                }
+                used += len + s;
+                advance += r + 1;
+                *entry = used | advance << 8 | (64 - advance) << 16;
+            }
+        }
+        self.skip = Some(skip);
+        self
     }
 }
 
@@ -375,7 +411,7 @@ pub(super) fn decode_dc_only(bytes: &[u8]) -> Option<(u32, u32, Pixels)> {
                     if class == 0 {
                         dc_tables[index] = Some(table);
                     } else {
-                        ac_tables[index] = Some(table);
+                        ac_tables[index] = Some(table.with_skip_table());
                     }
                     rest = &rest[17 + size..];
                 }
@@ -478,7 +514,7 @@ fn decode_scan(
         return None;
     }
     let mut dc: Vec<&Huffman> = Vec::with_capacity(n);
-    let mut ac: Vec<&Huffman> = Vec::with_capacity(n);
+    let mut ac: Vec<(&Huffman, &[u32; 1 << SKIP_BITS])> = Vec::with_capacity(n);
     let mut q: Vec<i32> = Vec::with_capacity(n);
     for (i, c) in components.iter().enumerate() {
         let (id, selectors) = (sos[1 + 2 * i], sos[2 + 2 * i]);
@@ -490,7 +526,8 @@ fn decode_scan(
             return None;
         }
         dc.push(tables.dc.get(td)?.as_ref()?);
-        ac.push(tables.ac.get(ta)?.as_ref()?);
+        let table = tables.ac.get(ta)?.as_ref()?;
+        ac.push((table, table.skip.as_deref()?));
         q.push(i32::from(tables.qt[usize::from(c.tq)]?));
     }
     let tail = &sos[1 + 2 * n..];
@@ -597,14 +634,14 @@ fn decode_scan(
                 reader.consume(len + s);
                 pred[i] = pred[i].wrapping_add(diff);
                 // AC: skipped, but walked exactly as jpeg-decoder walks it.
-                let table = ac[i];
+                let (table, skip) = ac[i];
                 let mut k = 1u32;
                 while k < 64 {
                     reader.refill();
-                    let entry = table.ac[reader.peek(LUT_BITS) as usize];
-                    if entry & AC_SLOW == 0 {
+                    let entry = skip[reader.peek(SKIP_BITS) as usize];
+                    if k <= entry >> 16 {
                         reader.consume(entry & 0xFF);
-                        k += entry >> 8;
+                        k += (entry >> 8) & 0xFF;
                         continue;
                     }
                     let (rs, len) = reader.symbol(table)?;
