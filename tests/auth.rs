@@ -22,9 +22,7 @@ fn png() -> Vec<u8> {
     let img = image::RgbImage::from_fn(64, 64, |x, y| {
         image::Rgb([200, (x * 3) as u8, (y * 3) as u8])
     });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
+    png_of(&img)
 }
 
 /// A server with key `lab-a` in a keys file and `lab-b` in LEUKNET_API_KEYS, logging at debug.

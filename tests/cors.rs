@@ -10,9 +10,7 @@ const LIS: &str = "https://lis.example.org";
 
 fn png() -> Vec<u8> {
     let img = image::RgbImage::from_pixel(40, 30, image::Rgb([210, 150, 170]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
+    png_of(&img)
 }
 
 async fn preflight(server: &Server, origin: &str) -> reqwest::Response {
@@ -30,20 +28,25 @@ async fn preflight(server: &Server, origin: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// POSTs the PNG from the LIS origin, with `key` as a bearer token when given.
+async fn classify_from_lis(server: &Server, key: Option<&str>) -> reqwest::Response {
+    let mut request = server
+        .client
+        .post(server.url("/v1/classify"))
+        .header("origin", LIS)
+        .header("content-type", "image/png");
+    if let Some(key) = key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    request.body(png()).send().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_is_off_by_default() {
     let server = Server::start(&fixture_card(16), &[]).await;
     let r = preflight(&server, LIS).await;
     assert!(r.headers().get("access-control-allow-origin").is_none());
-    let r = server
-        .client
-        .post(server.url("/v1/classify"))
-        .header("origin", LIS)
-        .header("content-type", "image/png")
-        .body(png())
-        .send()
-        .await
-        .unwrap();
+    let r = classify_from_lis(&server, None).await;
     assert_eq!(r.status(), 200);
     assert!(r
         .headers()
@@ -86,16 +89,7 @@ async fn listed_origins_only_and_preflight_before_authentication() {
     // Another origin gets no permission; a real request from the listed one does.
     let r = preflight(&server, "https://evil.example").await;
     assert!(r.headers().get("access-control-allow-origin").is_none());
-    let r = server
-        .client
-        .post(server.url("/v1/classify"))
-        .header("origin", LIS)
-        .header("authorization", format!("Bearer {key}"))
-        .header("content-type", "image/png")
-        .body(png())
-        .send()
-        .await
-        .unwrap();
+    let r = classify_from_lis(&server, Some(key)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["access-control-allow-origin"], LIS);
     let exposed = r.headers()["access-control-expose-headers"]
@@ -107,14 +101,6 @@ async fn listed_origins_only_and_preflight_before_authentication() {
         "{exposed}"
     );
     // CORS grants no access by itself: without the key it is still 401.
-    let r = server
-        .client
-        .post(server.url("/v1/classify"))
-        .header("origin", LIS)
-        .header("content-type", "image/png")
-        .body(png())
-        .send()
-        .await
-        .unwrap();
+    let r = classify_from_lis(&server, None).await;
     assert_error(r, 401, "unauthorized").await;
 }

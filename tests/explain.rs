@@ -13,15 +13,9 @@ fn shipped_card_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/leuknet.json")
 }
 
-fn png(img: &image::RgbImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
 /// A smear-coloured test image (pink background, purple blobs) that needs no shared data.
 fn blobs() -> Vec<u8> {
-    png(&image::RgbImage::from_fn(120, 100, |x, y| {
+    png_of(&image::RgbImage::from_fn(120, 100, |x, y| {
         let d = ((x as f32 - 60.0).powi(2) + (y as f32 - 50.0).powi(2)).sqrt();
         if d < 25.0 {
             image::Rgb([110, 60, 150])

@@ -42,9 +42,7 @@ fn tool(name: &str) -> Option<PathBuf> {
 /// A small real PNG (a flat pink square), so the test needs no shared data.
 fn png() -> Vec<u8> {
     let img = image::RgbImage::from_pixel(64, 64, image::Rgb([200, 100, 150]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
+    png_of(&img)
 }
 
 /// Runs promtool with `stdin` and returns (success, stdout + stderr).

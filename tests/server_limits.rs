@@ -15,9 +15,7 @@ fn png() -> Vec<u8> {
     let img = image::RgbImage::from_fn(96, 80, |x, y| {
         image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 256) as u8])
     });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
+    png_of(&img)
 }
 
 fn host_port(server: &Server) -> String {

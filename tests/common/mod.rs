@@ -89,6 +89,14 @@ pub fn first_of(dataset: &str) -> Option<Vec<u8>> {
     std::fs::read(dir.join(rel)).ok()
 }
 
+/// PNG bytes of a generated image (tests that need no shared data).
+pub fn png_of(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode");
+    out.into_inner()
+}
+
 /// Re-encodes image bytes to another format (for TIFF and PNG inputs).
 pub fn reencode(bytes: &[u8], format: image::ImageFormat) -> Vec<u8> {
     let img = image::load_from_memory(bytes).expect("decode");
