@@ -92,14 +92,15 @@ impl Huffman {
         })
     }
 
-    /// The symbol and code length at the start of the `avail` (<= 16) left-aligned bits of
-    /// `window` (a [`SKIP_BITS`]-bit value), when a whole code is there.
-    fn prefix_symbol(&self, window: u32, avail: u32) -> Option<(u32, u32)> {
-        for len in 1..=avail.min(16) {
-            let code = (window >> (SKIP_BITS - len)) as i32;
+    /// The symbol whose canonical code of a length in `lengths` starts the 16 left-aligned
+    /// bits `bits16`, with that length; `None` when no code of those lengths does (checked in
+    /// increasing length, as JPEG F.2.2.3 decodes).
+    fn canonical(&self, bits16: u32, lengths: std::ops::RangeInclusive<u32>) -> Option<(u8, u32)> {
+        for len in lengths {
+            let code = (bits16 >> (16 - len)) as i32;
             if code <= self.maxcode[len as usize - 1] {
                 let index = (code + self.delta[len as usize - 1]) as usize;
-                return Some((u32::from(*self.values.get(index)?), len));
+                return Some((*self.values.get(index)?, len));
             }
         }
         None
@@ -113,10 +114,11 @@ impl Huffman {
             let (mut used, mut advance) = (0u32, 0u32);
             while used < SKIP_BITS {
                 let window = ((prefix as u32) << used) & mask;
-                let Some((rs, len)) = self.prefix_symbol(window, SKIP_BITS - used) else {
+                let avail = SKIP_BITS - used;
+                let Some((rs, len)) = self.canonical(window << (16 - SKIP_BITS), 1..=avail) else {
                     break;
                 };
-                let (r, s) = (rs >> 4, rs & 15);
+                let (r, s) = (u32::from(rs >> 4), u32::from(rs & 15));
                 if s == 0 {
                     // An EOB ends the step (if the block may still hold one: position < 64);
                     // sixteen zeros and EOB runs go the slow way.
@@ -290,15 +292,7 @@ impl<'a> BitReader<'a> {
 #[cold]
 #[inline(never)]
 fn long_symbol(bits: u64, table: &Huffman) -> Option<(u8, u32)> {
-    let bits = (bits >> 48) as i32;
-    for len in LUT_BITS + 1..=16 {
-        let code = bits >> (16 - len);
-        if code <= table.maxcode[len as usize - 1] {
-            let index = (code + table.delta[len as usize - 1]) as usize;
-            return Some((*table.values.get(index)?, len));
-        }
-    }
-    None
+    table.canonical((bits >> 48) as u32, LUT_BITS + 1..=16)
 }
 
 /// `extend` of JPEG F.2.2.1 on the low `s` bits of `v` (1 <= s <= 11).
