@@ -59,6 +59,12 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_INTRA_OP_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
     pub intra_op_spinning: bool,
 
+    /// Most malloc arenas (glibc) the process may use; 0 = glibc's default (8 per core). Few
+    /// arenas keep the resident set near what is live under load (bench/memory measures it);
+    /// the MALLOC_ARENA_MAX environment variable, when set, takes precedence.
+    #[arg(long, env = "LEUKNET_MALLOC_ARENAS", default_value_t = 2)]
+    pub malloc_arenas: u32,
+
     /// Largest batch the model runs, in images; 0 = by execution provider: 8 on CUDA,
     /// 2 on the CPU (larger CPU batches gain no throughput and cost resident memory; see
     /// bench/README.md).

@@ -17,6 +17,7 @@
 //! - [`synthetic`]: non-smear images (noise, text, scenes, other magnifications) for OOD checks.
 //! - [`shutdown`]: the drain signal shared by listener, batcher and readiness.
 //! - [`accept`]: the accept loop: header-read and idle timeouts, connection limit, graceful close.
+//! - [`malloc`]: the C allocator's arena limit (glibc), set first thing by the server.
 //! - [`audit`]: the audit log (`--audit-log`): one JSON line per classified image, rotated by size.
 
 pub mod accept;
@@ -28,6 +29,7 @@ pub mod engine;
 pub mod fixture;
 pub mod heatmap;
 pub mod http;
+pub mod malloc;
 pub mod metrics;
 pub mod model_card;
 pub mod onnx;

@@ -7,6 +7,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let config = ServerConfig::parse();
+    // Before any thread starts (logging, ONNX Runtime, tokio): see leuknet::malloc.
+    let arenas = leuknet::malloc::limit_arenas(config.malloc_arenas);
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -14,6 +16,10 @@ fn main() -> ExitCode {
     match config.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+    match arenas {
+        Ok(limit) => tracing::info!(?limit, "malloc arenas"),
+        Err(e) => tracing::warn!("malloc arenas left at glibc's default: {e}"),
     }
 
     let (card, engine) = match leuknet::server::load(&config) {

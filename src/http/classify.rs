@@ -161,7 +161,11 @@ pub async fn classify(
     if let Some(id) = &ids.specimen_id {
         span.record("specimen_id", tracing::field::display(id));
     }
-    let decoded = decode_all(&state, uploads.iter().map(|u| u.bytes.clone()).collect()).await?;
+    // The bodies move into the decoders and are freed as soon as each is decoded: a request
+    // waiting in the queue holds its 224x224 tensor, not its (up to megabytes of) upload.
+    let (bodies, filenames): (Vec<Bytes>, Vec<Option<String>>) =
+        uploads.into_iter().map(|u| (u.bytes, u.filename)).unzip();
+    let decoded = decode_all(&state, bodies).await?;
 
     let (tensors, decoded): (Vec<_>, Vec<_>) = decoded
         .into_iter()
@@ -196,8 +200,8 @@ pub async fn classify(
     let results: Vec<ClassifyResult> = decoded
         .into_iter()
         .zip(outputs)
-        .zip(uploads)
-        .map(|((d, out), upload)| {
+        .zip(filenames)
+        .map(|((d, out), filename)| {
             let p = out.probability;
             let label = if state.band.low <= p && p < state.band.high {
                 INDETERMINATE
@@ -271,7 +275,7 @@ pub async fn classify(
                     height: d.height,
                     format: d.format.as_str(),
                     sha256: d.sha256,
-                    filename: upload.filename,
+                    filename,
                 },
                 disclaimer: card.disclaimer.clone(),
                 accession_id: ids.accession_id.clone(),
