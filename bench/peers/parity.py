@@ -2,7 +2,7 @@
 to every peer and compares `results[0].probability` (and the label) with the server's.
 
   parity.py --tol 1e-4 --out parity.json --ref leuknet=URL --peer fastapi=URL --peer bentoml=URL \
-      [--local CARD] KIND:CONTENT_TYPE:FILE [KIND:CONTENT_TYPE:FILE ...]
+      [--variant fastapi-nodraft=URL] [--local CARD] KIND:CONTENT_TYPE:FILE [...]
 
 --local CARD also runs the peers' pipeline in this process: as served (draft + fast_image_resize),
 with Pillow's own resize, and with Pillow's plain path (no draft, Pillow resize); for information
@@ -38,13 +38,17 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--ref", required=True, help="NAME=URL of leuknet-server's classify route")
     ap.add_argument("--peer", action="append", default=[], help="NAME=URL (enforced)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=URL: a peer whose pipeline differs on purpose (e.g. no draft): "
+                         "held to the server's bound and label, not to the other peers")
     ap.add_argument("--local", help="model card: also report Pillow in-process (not enforced)")
     ap.add_argument("inputs", nargs="+", help="KIND:CONTENT_TYPE:FILE")
     a = ap.parse_args()
 
     kind_tol = {k: float(v) for k, v in (x.split("=", 1) for x in a.kind_tol)}
     ref_name, ref_url = a.ref.split("=", 1)
-    peers = [p.split("=", 1) for p in a.peer]
+    peers = [p.split("=", 1) + [True] for p in a.peer]
+    peers += [v.split("=", 1) + [False] for v in a.variant]
     local = []
     if a.local:
         sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -71,11 +75,12 @@ def main() -> int:
         kind, ctype, path = spec.split(":", 2)
         ref = post(ref_url, path, ctype)
         row = {"kind": kind, "file": path, ref_name: ref["probability"], "label": ref["label"]}
-        targets = [(n, (lambda u: lambda p: post(u, p, ctype))(u), True) for n, u in peers]
-        targets += [(n, f, False) for n, f in local]
+        targets = [(n, (lambda u: lambda p: post(u, p, ctype))(u), True, cross)
+                   for n, u, cross in peers]
+        targets += [(n, f, False, False) for n, f in local]
         tol = kind_tol.get(kind, a.tol)
         seen: dict[str, float] = {}
-        for name, call, enforced in targets:
+        for name, call, enforced, cross in targets:
             try:
                 res = call(path)
             except Exception as e:  # noqa: BLE001
@@ -90,7 +95,7 @@ def main() -> int:
             if enforced and d > tol:
                 failures.append(f"{name} on {path}: p={res['probability']:.7f}, "
                                 f"{ref_name} p={ref['probability']:.7f}, |dp|={d:.2e} > {tol}")
-            if enforced:
+            if cross:
                 for other, p in seen.items():
                     if abs(p - res["probability"]) > a.tol:
                         failures.append(f"{name} and {other} disagree on {path}: "
