@@ -45,29 +45,29 @@ fn child_allocates_from_many_threads() {
     );
 }
 
-fn arenas_in_child(limit: u32) -> usize {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_allocates_from_many_threads",
-            "--nocapture",
-        ])
-        .env(CHILD, limit.to_string())
-        .env_remove("MALLOC_ARENA_MAX")
-        .output()
-        .unwrap();
+/// Runs the child case with `limit` (and `MALLOC_ARENA_MAX` when `env` is Some); returns
+/// what `limit_arenas` reported and the arena count.
+fn child(limit: u32, env: Option<&str>) -> (String, usize) {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child_allocates_from_many_threads",
+        "--nocapture",
+    ])
+    .env(CHILD, limit.to_string())
+    .env_remove("MALLOC_ARENA_MAX");
+    if let Some(v) = env {
+        cmd.env("MALLOC_ARENA_MAX", v);
+    }
+    let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "child failed: {text}");
     let line = text
         .lines()
         .find(|l| l.starts_with("applied="))
         .unwrap_or_else(|| panic!("no report from the child: {text}"));
-    line.rsplit("arenas=")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let (applied, count) = line.rsplit_once(" arenas=").unwrap();
+    (applied.to_string(), count.trim().parse().unwrap())
 }
 
 #[test]
@@ -75,11 +75,23 @@ fn the_limit_caps_the_arenas_and_without_it_threads_get_more() {
     if std::env::var(CHILD).is_ok() {
         return;
     }
-    let limited = arenas_in_child(2);
-    let default = arenas_in_child(0);
+    let (applied, limited) = child(2, None);
+    assert_eq!(applied, "applied=Set(2)");
     assert!(limited <= 2, "limit 2 left {limited} arenas");
+    let (applied, default) = child(0, None);
+    assert_eq!(applied, "applied=Default");
     assert!(
         default > 2,
         "without a limit {THREADS} threads got only {default} arenas: the check could not fail"
     );
+}
+
+#[test]
+fn malloc_arena_max_in_the_environment_wins() {
+    if std::env::var(CHILD).is_ok() {
+        return;
+    }
+    let (applied, count) = child(2, Some("3"));
+    assert_eq!(applied, "applied=FromEnvironment(\"3\")");
+    assert!(count <= 3, "MALLOC_ARENA_MAX=3 left {count} arenas");
 }
