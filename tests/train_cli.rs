@@ -161,12 +161,14 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
         Some(3)
     );
 
-    // More seeds of the recipe later: `card-metrics` puts their mean ± std into the card and
-    // leaves the model (and the card's sha256 of it) alone. A second "seed" with balanced
-    // accuracy 0.5 on every set stands in for one.
-    let mut report = json(&out.path().join("report.json"));
-    let runs = report["runs"].as_array_mut().expect("runs");
-    let extra: Vec<serde_json::Value> = runs
+    // More seeds of the recipe later, in a report of their own: `card-metrics` merges it with
+    // the export's and puts the mean ± std into the card, leaving the model (and the card's
+    // sha256 of it) alone. A "seed" with balanced accuracy 0.5 on every set stands in for one.
+    let report_path = out.path().join("report.json");
+    let mut report = json(&report_path);
+    let extra: Vec<serde_json::Value> = report["runs"]
+        .as_array()
+        .expect("runs")
         .iter()
         .filter(|r| r["protocol"] == "lodo")
         .map(|r| {
@@ -176,17 +178,37 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
             r
         })
         .collect();
-    runs.extend(extra);
-    let report2 = out.path().join("report-2-seeds.json");
+    report["runs"] = serde_json::Value::Array(extra);
+    report["config"]["options"]["seed"] = serde_json::json!(101);
+    let report2 = out.path().join("report-seed-101.json");
     std::fs::write(&report2, report.to_string()).expect("write report");
-    let status = Command::new(env!("CARGO_BIN_EXE_leuknet-train"))
-        .args(["card-metrics", "--card"])
-        .arg(export.join("leuknet.json"))
-        .arg("--report")
-        .arg(&report2)
-        .status()
-        .expect("leuknet-train card-metrics runs");
-    assert!(status.success(), "card-metrics failed: {status}");
+    let card_metrics = |reports: &[&Path]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leuknet-train"));
+        cmd.args(["card-metrics", "--card"])
+            .arg(export.join("leuknet.json"));
+        for r in reports {
+            cmd.arg("--report").arg(r);
+        }
+        cmd.output().expect("leuknet-train card-metrics runs")
+    };
+    // Another recipe (here: more epochs) is refused and the card stays as it was.
+    report["config"]["options"]["epochs"] = serde_json::json!(99);
+    let other = out.path().join("report-other-recipe.json");
+    std::fs::write(&other, report.to_string()).expect("write report");
+    let refused = card_metrics(&[&report_path, &other]);
+    assert!(!refused.status.success(), "another recipe was merged");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("differ beyond the seed"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(json(&export.join("leuknet.json")), card);
+    let merged = card_metrics(&[&report_path, &report2]);
+    assert!(
+        merged.status.success(),
+        "card-metrics failed: {}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
     let updated = json(&export.join("leuknet.json"));
     let first = card["metrics"]["lodo"]["ALL-IDB2"]["balanced_accuracy"]["mean"]
         .as_f64()

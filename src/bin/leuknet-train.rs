@@ -55,8 +55,8 @@ enum Command {
     /// The steps around a GPU run: widen, finalize, export-checkpoint, bench.
     #[command(subcommand)]
     Gpu(leuknet::train::gpu::GpuCommand),
-    /// Replaces a model card's LODOCV figures with the mean ± std over every seed of a
-    /// report.json of the same recipe (the ONNX file is untouched).
+    /// Replaces a model card's LODOCV figures with the mean ± std over every seed of one or
+    /// more report.json files of the same recipe (the ONNX file is untouched).
     CardMetrics {
         /// The model card to update in place.
         #[arg(
@@ -65,9 +65,15 @@ enum Command {
             default_value = "models/leuknet.json"
         )]
         card: PathBuf,
-        /// The report.json with the LODOCV runs.
-        #[arg(long, env = "LEUKNET_TRAIN_REPORT")]
-        report: PathBuf,
+        /// The report.json files with the LODOCV runs (repeat the flag, or comma-separate them
+        /// in the variable): runs of the same recipe with different seeds, merged.
+        #[arg(
+            long,
+            env = "LEUKNET_TRAIN_REPORTS",
+            required = true,
+            value_delimiter = ','
+        )]
+        report: Vec<PathBuf>,
     },
     /// Writes the tables (table.md), plots and epochs.csv of a report.json again, e.g. of a run
     /// made on the GPU machine or after the table format changed.
@@ -276,13 +282,20 @@ fn main() -> Result<()> {
         Command::Run(args) => run(*args),
         Command::Pack(args) => Ok(leuknet::train::gpu::run_pack(args)?),
         Command::Gpu(cmd) => Ok(leuknet::train::gpu::run_gpu(cmd)?),
-        Command::CardMetrics { card, report } => {
-            let rep = report::read_json(&report)?;
-            let seeds = leuknet::train::export::refresh_card_lodo(&card, &rep, &report)?;
+        Command::CardMetrics {
+            card,
+            report: paths,
+        } => {
+            let reports = paths
+                .iter()
+                .map(|p| Ok((p.clone(), report::read_json(p)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let merged = report::merge_seed_reports(reports)?;
+            let seeds = leuknet::train::export::refresh_card_lodo(&card, &merged, &paths)?;
             println!(
-                "{}: metrics.lodo now over {seeds} seed(s) from {}",
+                "{}: metrics.lodo now over {seeds} seed(s) from {} report(s)",
                 card.display(),
-                report.display()
+                paths.len()
             );
             Ok(())
         }

@@ -327,12 +327,13 @@ fn write_card(card: &ModelCard, path: &Path) -> std::io::Result<()> {
 
 /// Replaces a card's LODOCV figures (`metrics.lodo`, the limitations that quote them) with the
 /// mean ± std over every seed in `report` (e.g. more seeds of the same recipe run after the
-/// export), and records where they came from in `metrics.lodo_report`. The ONNX file and its
-/// sha256 are untouched. Returns the number of seeds summarised.
+/// export, merged by [`crate::train::report::merge_seed_reports`]), and records where they came
+/// from (`report_paths`) in `metrics.lodo_report`. The ONNX file and its sha256 are untouched.
+/// Returns the number of seeds summarised.
 pub fn refresh_card_lodo(
     card_path: &Path,
     report: &crate::train::report::Report,
-    report_path: &Path,
+    report_paths: &[PathBuf],
 ) -> Result<u64, ExportError> {
     use crate::train::report::{summaries_by_split, PROTOCOL_LODO};
     let io = |e: String| ExportError::CardUpdate {
@@ -352,8 +353,12 @@ pub fn refresh_card_lodo(
     }
     if lodo.is_empty() {
         return Err(io(format!(
-            "{} holds no LODOCV runs",
-            report_path.display()
+            "{} hold no LODOCV runs",
+            report_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     let mut seeds: Vec<u64> = report
@@ -369,7 +374,7 @@ pub fn refresh_card_lodo(
     }
     card.metrics["lodo"] = serde_json::Value::Object(lodo.clone());
     card.metrics["lodo_report"] = serde_json::json!({
-        "file": report_path,
+        "files": report_paths,
         "seeds": seeds,
         "config": report.config,
         "note": "LODOCV models are trained with the shipped recipe, one per held-out set and seed; the shipped model is the recipe trained on all six sets",

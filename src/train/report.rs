@@ -11,10 +11,10 @@
 //! by [`register_fonts`], since plotters' `ab_glyph` text backend has no system font lookup.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -78,6 +78,56 @@ pub struct Report {
     pub runs: Vec<RunRecord>,
     /// Data description (datasets, counts, hashes…).
     pub data: serde_json::Value,
+}
+
+/// Joins the reports of one recipe run with different seeds (e.g. more seeds run after the
+/// export) into one. Refused unless the configurations are equal but for `options.seed`, the
+/// data descriptions are equal, and no `(protocol, split, seed)` run appears twice.
+pub fn merge_seed_reports(reports: Vec<(PathBuf, Report)>) -> Result<Report> {
+    fn recipe(config: &serde_json::Value) -> serde_json::Value {
+        let mut c = config.clone();
+        if let Some(options) = c.get_mut("options").and_then(|o| o.as_object_mut()) {
+            options.remove("seed");
+        }
+        c
+    }
+    let mut reports = reports.into_iter();
+    let (first, mut merged) = reports.next().context("no report to merge")?;
+    let base = recipe(&merged.config);
+    let mut seen: std::collections::HashSet<(String, String, u64)> = merged
+        .runs
+        .iter()
+        .map(|r| (r.protocol.clone(), r.split.clone(), r.seed))
+        .collect();
+    for (path, report) in reports {
+        if recipe(&report.config) != base {
+            bail!(
+                "{} is not the recipe of {}: the configurations differ beyond the seed",
+                path.display(),
+                first.display()
+            );
+        }
+        if report.data != merged.data {
+            bail!(
+                "{} was run on other data than {}",
+                path.display(),
+                first.display()
+            );
+        }
+        for run in report.runs {
+            if !seen.insert((run.protocol.clone(), run.split.clone(), run.seed)) {
+                bail!(
+                    "{}: run {}/{} with seed {} is already in an earlier report",
+                    path.display(),
+                    run.protocol,
+                    run.split,
+                    run.seed
+                );
+            }
+            merged.runs.push(run);
+        }
+    }
+    Ok(merged)
 }
 
 /// Writes the report as pretty JSON, creating parent directories.
