@@ -180,6 +180,7 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
         .collect();
     report["runs"] = serde_json::Value::Array(extra);
     report["config"]["options"]["seed"] = serde_json::json!(101);
+    report["config"]["runs"] = serde_json::json!(2);
     let report2 = out.path().join("report-seed-101.json");
     std::fs::write(&report2, report.to_string()).expect("write report");
     let card_metrics = |reports: &[&Path]| {

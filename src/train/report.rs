@@ -81,11 +81,15 @@ pub struct Report {
 }
 
 /// Joins the reports of one recipe run with different seeds (e.g. more seeds run after the
-/// export) into one. Refused unless the configurations are equal but for `options.seed`, the
-/// data descriptions are equal, and no `(protocol, split, seed)` run appears twice.
+/// export) into one. Refused unless the configurations are equal but for the first seed
+/// (`options.seed`) and the number of seeds (`runs`), the data descriptions are equal, and no
+/// `(protocol, split, seed)` run appears twice.
 pub fn merge_seed_reports(reports: Vec<(PathBuf, Report)>) -> Result<Report> {
     fn recipe(config: &serde_json::Value) -> serde_json::Value {
         let mut c = config.clone();
+        if let Some(top) = c.as_object_mut() {
+            top.remove("runs");
+        }
         if let Some(options) = c.get_mut("options").and_then(|o| o.as_object_mut()) {
             options.remove("seed");
         }
