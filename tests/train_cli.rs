@@ -178,20 +178,34 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
             r
         })
         .collect();
-    report["runs"] = serde_json::Value::Array(extra);
+    // Two k-fold "folds" of the same seed (balanced accuracy 0.6 and 0.8) go into metrics.kfold.
+    let kfold: Vec<serde_json::Value> = [0.6, 0.8]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut r = extra[0].clone();
+            r["protocol"] = serde_json::json!("kfold");
+            r["split"] = serde_json::json!(format!("fold-{}of2", i + 1));
+            r["metrics"]["balanced_accuracy"] = serde_json::json!(b);
+            r
+        })
+        .collect();
+    report["runs"] = serde_json::Value::Array(extra.into_iter().chain(kfold).collect());
     report["config"]["options"]["seed"] = serde_json::json!(101);
     report["config"]["runs"] = serde_json::json!(2);
     let report2 = out.path().join("report-seed-101.json");
     std::fs::write(&report2, report.to_string()).expect("write report");
-    let card_metrics = |reports: &[&Path]| {
+    let card_metrics_with = |reports: &[&Path], more: &[String]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_leuknet-train"));
         cmd.args(["card-metrics", "--card"])
             .arg(export.join("leuknet.json"));
         for r in reports {
             cmd.arg("--report").arg(r);
         }
+        cmd.args(more);
         cmd.output().expect("leuknet-train card-metrics runs")
     };
+    let card_metrics = |reports: &[&Path]| card_metrics_with(reports, &[]);
     // Another recipe (here: more epochs) is refused and the card stays as it was.
     report["config"]["options"]["epochs"] = serde_json::json!(99);
     let other = out.path().join("report-other-recipe.json");
@@ -204,7 +218,44 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
         String::from_utf8_lossy(&refused.stderr)
     );
     assert_eq!(json(&export.join("leuknet.json")), card);
-    let merged = card_metrics(&[&report_path, &report2]);
+    // Baselines and variants come from their own result files; bad ones are refused, card as it was.
+    let features_json = out.path().join("features.json");
+    let svm = format!("--baseline=svm={}#untrained-gap", features_json.display());
+    for (bad, says) in [
+        (
+            format!("--baseline=svm={}", features_json.display()),
+            "name the feature set",
+        ),
+        (
+            format!("--baseline=svm={}#nope", features_json.display()),
+            "no runs of features",
+        ),
+        (
+            format!("--baseline=svm={}", report_path.display()),
+            "already gives",
+        ),
+        ("--variant=no-equals-sign".to_string(), "bad comparison"),
+    ] {
+        let refused = card_metrics_with(&[&report_path, &report2], &[svm.clone(), bad.clone()]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{bad} was accepted");
+        assert!(stderr.contains(says), "{bad}: {stderr}");
+        assert_eq!(
+            json(&export.join("leuknet.json")),
+            card,
+            "{bad} changed the card"
+        );
+    }
+    let merged = card_metrics_with(
+        &[&report_path, &report2],
+        &[
+            svm,
+            format!(
+                "--variant=penultimate SVM={}#leuknet-penultimate",
+                features_json.display()
+            ),
+        ],
+    );
     assert!(
         merged.status.success(),
         "card-metrics failed: {}",
@@ -227,6 +278,36 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
     assert_eq!(
         updated["metrics"]["reference_predictions"],
         card["metrics"]["reference_predictions"]
+    );
+    let kfold = &updated["metrics"]["kfold"]["balanced_accuracy"];
+    assert_eq!(kfold["n"], 2, "{kfold}");
+    assert!((kfold["mean"].as_f64().expect("mean") - 0.7).abs() < 1e-12);
+    assert_eq!(
+        updated["metrics"]["kfold_report"]["seeds"],
+        serde_json::json!([101])
+    );
+    let baseline = &updated["metrics"]["baselines"][0];
+    assert_eq!(baseline["name"], "svm");
+    let idb2: Vec<f64> = features
+        .iter()
+        .filter(|r| r["features"] == "untrained-gap" && r["split"] == "ALL-IDB2")
+        .filter_map(|r| r["balanced_accuracy"].as_f64())
+        .collect();
+    let got = baseline["lodo"]["ALL-IDB2"]["balanced_accuracy"]["mean"]
+        .as_f64()
+        .expect("baseline figure");
+    assert!((got - idb2[0]).abs() < 1e-12, "{got} vs {idb2:?}");
+    assert_eq!(baseline["kfold"]["runs"], 2);
+    assert_eq!(
+        updated["metrics"]["variants"][0]["lodo"]
+            .as_object()
+            .map(|o| o.len()),
+        Some(3)
+    );
+    let table = String::from_utf8_lossy(&merged.stdout);
+    assert!(
+        table.contains("| baseline: svm |") && table.contains("| variant: penultimate SVM |"),
+        "{table}"
     );
     let limits = updated["limitations"].to_string();
     assert!(limits.contains("over 2 seeds"), "{limits}");

@@ -5,7 +5,11 @@
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use leuknet::color_norm::ColorNormalization;
+use leuknet::model_card::ModelCard;
 use leuknet::train::augment::Augmenter;
+use leuknet::train::card_metrics::{
+    markdown_comparison, refresh_card_metrics, CardFigures, Comparison,
+};
 use leuknet::train::data::{self, Split};
 use leuknet::train::eval_metrics::summarize;
 use leuknet::train::export::{
@@ -55,8 +59,9 @@ enum Command {
     /// The steps around a GPU run: widen, finalize, export-checkpoint, bench.
     #[command(subcommand)]
     Gpu(leuknet::train::gpu::GpuCommand),
-    /// Replaces a model card's LODOCV figures with the mean ± std over every seed of one or
-    /// more report.json files of the same recipe (the ONNX file is untouched).
+    /// Refreshes a model card's figures from result files (the ONNX file is untouched): the
+    /// shipped recipe's LODOCV and k-fold runs over every seed, and the baselines and variants
+    /// measured on the same folds; prints the comparison table in Markdown.
     CardMetrics {
         /// The model card to update in place.
         #[arg(
@@ -65,15 +70,21 @@ enum Command {
             default_value = "models/leuknet.json"
         )]
         card: PathBuf,
-        /// The report.json files with the LODOCV runs (repeat the flag, or comma-separate them
-        /// in the variable): runs of the same recipe with different seeds, merged.
-        #[arg(
-            long,
-            env = "LEUKNET_TRAIN_REPORTS",
-            required = true,
-            value_delimiter = ','
-        )]
+        /// report.json files of the shipped recipe (repeat the flag, or comma-separate them in
+        /// the variable): runs with different seeds, merged; their LODOCV runs replace
+        /// `metrics.lodo`, their k-fold runs `metrics.kfold`.
+        #[arg(long, env = "LEUKNET_TRAIN_REPORTS", value_delimiter = ',')]
         report: Vec<PathBuf>,
+        /// A baseline on the same folds, `NAME=PATH` (a report.json) or `NAME=PATH#FEATURES`
+        /// (a features.json and its feature set, e.g. imagenet-gap); repeat the flag (or
+        /// one per line in the variable); files under one name make one row. Replaces
+        /// `metrics.baselines`.
+        #[arg(long, env = "LEUKNET_TRAIN_BASELINES", value_delimiter = '\n')]
+        baseline: Vec<Comparison>,
+        /// A variant of the recipe that was tried, same form as --baseline; replaces
+        /// `metrics.variants`.
+        #[arg(long, env = "LEUKNET_TRAIN_VARIANTS", value_delimiter = '\n')]
+        variant: Vec<Comparison>,
     },
     /// Writes the tables (table.md), plots and epochs.csv of a report.json again, e.g. of a run
     /// made on the GPU machine or after the table format changed.
@@ -285,18 +296,38 @@ fn main() -> Result<()> {
         Command::CardMetrics {
             card,
             report: paths,
+            baseline,
+            variant,
         } => {
-            let reports = paths
-                .iter()
-                .map(|p| Ok((p.clone(), report::read_json(p)?)))
-                .collect::<Result<Vec<_>>>()?;
-            let merged = report::merge_seed_reports(reports)?;
-            let seeds = leuknet::train::export::refresh_card_lodo(&card, &merged, &paths)?;
-            println!(
-                "{}: metrics.lodo now over {seeds} seed(s) from {} report(s)",
+            if paths.is_empty() && baseline.is_empty() && variant.is_empty() {
+                bail!("nothing to put into the card: give --report, --baseline or --variant");
+            }
+            let merged = if paths.is_empty() {
+                None
+            } else {
+                let reports = paths
+                    .iter()
+                    .map(|p| Ok((p.clone(), report::read_json(p)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(report::merge_seed_reports(reports)?)
+            };
+            let done = refresh_card_metrics(
+                &card,
+                &CardFigures {
+                    recipe: merged.as_ref().map(|r| (r, paths.as_slice())),
+                    baselines: &baseline,
+                    variants: &variant,
+                },
+            )?;
+            eprintln!(
+                "{}: metrics.lodo over {} seed(s), metrics.kfold over {} run(s) (0: unchanged), {} baseline(s), {} variant(s)",
                 card.display(),
-                paths.len()
+                done.lodo_seeds,
+                done.kfold_runs,
+                done.baselines,
+                done.variants
             );
+            print!("{}", markdown_comparison(&ModelCard::load(&card)?));
             Ok(())
         }
         Command::Report { report, out_dir } => {

