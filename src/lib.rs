@@ -7,6 +7,7 @@
 //! - [`batching`]: the bounded queue and the task that cuts batches (size cap, delay, deadlines).
 //! - [`engine`]: the ONNX Runtime session, execution-provider choice and warm-up.
 //! - [`preprocess`]: bytes -> RGB -> 224x224 -> [0, 1] NCHW f32, shared by server and trainer.
+//! - [`decode_pool`]: the server's decoding threads, each its own one-thread rayon pool.
 //! - [`progress`]: progress bars with ETA (redrawn on a terminal, throttled lines in logs).
 //! - [`model_card`]: the model card schema and its checks against the ONNX file.
 //! - [`onnx`]: ONNX protobuf types and the writer of the LeukNet graph.
@@ -25,6 +26,7 @@ pub mod audit;
 pub mod batching;
 pub mod color_norm;
 pub mod config;
+pub mod decode_pool;
 pub mod engine;
 pub mod fixture;
 pub mod heatmap;

@@ -26,7 +26,7 @@ pub enum ServerError {
     NoModel(std::path::PathBuf),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("cannot start the engine thread: {0}")]
+    #[error("cannot start the engine or decoding threads: {0}")]
     Thread(std::io::Error),
     #[error("warm-up failed: {0}")]
     WarmUp(EngineError),
@@ -127,6 +127,9 @@ pub async fn run(
         None => None,
     };
     let card_summary = card.summary_json();
+    let decode_threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let decoder =
+        crate::decode_pool::DecodePool::new(decode_threads).map_err(ServerError::Thread)?;
     let state = Arc::new(AppState {
         card_summary,
         color_norm,
@@ -153,9 +156,8 @@ pub async fn run(
             request_timeout_ms: config.request_timeout_ms,
             intra_threads: config.intra_threads,
         },
-        decode_permits: tokio::sync::Semaphore::new(
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
-        ),
+        decode_permits: tokio::sync::Semaphore::new(decode_threads),
+        decoder,
         active_classify: std::sync::atomic::AtomicUsize::new(0),
         api_keys,
         cors_allow_origins,

@@ -122,6 +122,12 @@ fn measure(
 }
 
 fn main() -> anyhow::Result<()> {
+    // As on the server's decoding threads (`leuknet::decode_pool`): rayon work started by a
+    // decoder runs on this thread.
+    leuknet::decode_pool::on_local_rayon(real_main)
+}
+
+fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
     let limits = Limits {
         max_pixels: args.max_pixels,

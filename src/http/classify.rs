@@ -522,7 +522,7 @@ pub async fn split_body(
     Ok(uploads)
 }
 
-/// Preprocesses every upload in parallel on the blocking pool (bounded by the decode permits).
+/// Preprocesses every upload in parallel on the decoding threads (bounded by the decode permits).
 async fn decode_all(state: &Arc<AppState>, uploads: Vec<Bytes>) -> Result<Vec<Decoded>, ApiError> {
     let many = uploads.len() > 1;
     let size = state.card.input.size;
@@ -537,28 +537,31 @@ async fn decode_all(state: &Arc<AppState>, uploads: Vec<Bytes>) -> Result<Vec<De
                 .map_err(|_| ApiError::ShuttingDown)?;
             let metrics = state.metrics.clone();
             let color_norm = state.color_norm.clone();
-            tokio::task::spawn_blocking(move || {
-                let start = Instant::now();
-                let result =
-                    preprocess::preprocess(&bytes, size, &Limits { max_pixels }).map(|mut p| {
-                        color_norm.apply(&mut p.tensor, size as usize);
-                        p
-                    });
-                let decode_time = start.elapsed();
-                metrics
-                    .preprocess_duration
-                    .observe(decode_time.as_secs_f64());
-                result.map(|p| Decoded {
-                    tensor: p.tensor,
-                    width: p.width,
-                    height: p.height,
-                    format: p.format,
-                    sha256: sha256_hex(&bytes),
-                    decode_time,
+            state
+                .decoder
+                .run(move || {
+                    let start = Instant::now();
+                    let result = preprocess::preprocess(&bytes, size, &Limits { max_pixels }).map(
+                        |mut p| {
+                            color_norm.apply(&mut p.tensor, size as usize);
+                            p
+                        },
+                    );
+                    let decode_time = start.elapsed();
+                    metrics
+                        .preprocess_duration
+                        .observe(decode_time.as_secs_f64());
+                    result.map(|p| Decoded {
+                        tensor: p.tensor,
+                        width: p.width,
+                        height: p.height,
+                        format: p.format,
+                        sha256: sha256_hex(&bytes),
+                        decode_time,
+                    })
                 })
-            })
-            .await
-            .map_err(|e| ApiError::Internal(format!("decoder task failed: {e}")))
+                .await
+                .map_err(|e| ApiError::Internal(format!("decoder task failed: {e}")))
         }
     });
     let results = futures::future::join_all(tasks).await;

@@ -87,8 +87,10 @@ pub struct AppState {
     /// Facts for `/v1/models`.
     pub runtime: RuntimeInfo,
     /// Bounds concurrent decoding to the number of cores, so large uploads cannot flood the
-    /// blocking pool and starve the engine.
+    /// decoding threads' queue and starve the engine.
     pub decode_permits: tokio::sync::Semaphore,
+    /// The decoding threads (as many as permits).
+    pub decoder: crate::decode_pool::DecodePool,
     /// Classify requests accepted and not yet answered; draining waits for it to reach zero.
     pub active_classify: std::sync::atomic::AtomicUsize,
     /// API keys (`--api-keys-file`, `--api-keys`); None: every route is open.
