@@ -1,7 +1,7 @@
 //! `POST /v1/classify`: one or more images in, one result per image out, in request order.
 //!
 //! Body (multipart `image` parts, or a raw `image/*` body) -> size and type checks ->
-//! preprocessing on the blocking pool, all images in parallel -> the batching queue -> the
+//! preprocessing on the decoding threads, all images in parallel -> the batching queue -> the
 //! engine thread -> one JSON result per image.
 
 use super::error::ApiError;

@@ -395,7 +395,7 @@ pub fn markdown_comparison(card: &ModelCard) -> String {
         }
     };
     let mut out = format!(
-        "| model | {} | stratified 5-fold |\n|---|{}---|\n",
+        "| model | {} | stratified k-fold |\n|---|{}---|\n",
         sets.join(" | "),
         "---|".repeat(sets.len())
     );
