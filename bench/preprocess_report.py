@@ -20,6 +20,9 @@ from hostinfo import cpu_model
 
 env = os.environ
 PATHS = ["ours", "plain", "draft", "peer"]
+# With PP_GLOBAL_RAYON=1: also ours as before the decoding threads became one-thread rayon pools.
+if env.get("PP_GLOBAL_RAYON") == "1":
+    PATHS.append("ours_global_rayon")
 
 
 def kind_of(path: str) -> str:
@@ -29,6 +32,10 @@ def kind_of(path: str) -> str:
 def run(files: list[str]) -> None:
     ours = subprocess.Popen([env["PP_OURS_BIN"], "--serve"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
+    before = None
+    if "ours_global_rayon" in PATHS:
+        before = subprocess.Popen([env["PP_OURS_BIN"], "--serve", "--global-rayon"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     here = os.path.dirname(os.path.abspath(__file__))
     pillow = subprocess.Popen([env["PP_PYTHON"], os.path.join(here, "peers", "preprocess_pillow.py"),
                                "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -49,10 +56,16 @@ def run(files: list[str]) -> None:
                 n = env["PP_FIELD_ITERATIONS"] if kind_of(f) == "fields" else env["PP_ITERATIONS"]
                 order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]
                 for p in order:
-                    row = ask(ours, f"{n} {f}") if p == "ours" else ask(pillow, f"{p} {n} {f}")
+                    if p == "ours":
+                        row = ask(ours, f"{n} {f}")
+                    elif p == "ours_global_rayon":
+                        row = ask(before, f"{n} {f}")
+                        row["path"] = p
+                    else:
+                        row = ask(pillow, f"{p} {n} {f}")
                     row["round"] = r
                     out.write(json.dumps(row) + "\n")
-    for proc in (ours, pillow):
+    for proc in [x for x in (ours, pillow, before) if x]:
         proc.stdin.close()
         proc.wait(timeout=60)
 
@@ -62,6 +75,7 @@ LABELS = {
     "plain": "Pillow plain",
     "draft": "Pillow draft",
     "peer": "peer pipeline",
+    "ours_global_rayon": "ours, rayon global pool (before)",
 }
 
 
@@ -100,7 +114,7 @@ def report() -> None:
                     "samples": len(meds),
                 }
         ours = entry.get("ours", {}).get("cpu_ms")
-        for p in ("plain", "draft", "peer"):
+        for p in ("plain", "draft", "peer", "ours_global_rayon"):
             if ours and p in entry:
                 entry[f"ours_over_{p}"] = round(ours / entry[p]["cpu_ms"], 3)
         checks = {}

@@ -46,6 +46,11 @@ struct Args {
     /// Largest image in pixels accepted by preprocessing, as the server's --max-pixels.
     #[arg(long, env = "LEUKNET_BENCH_MAX_PIXELS", default_value_t = 40_000_000)]
     max_pixels: u64,
+
+    /// Leave a decoder's rayon work to rayon's global pool, as the server did before its
+    /// decoding threads became one-thread rayon pools (for a before/after comparison).
+    #[arg(long, env = "LEUKNET_BENCH_GLOBAL_RAYON")]
+    global_rayon: bool,
 }
 
 /// Seconds on one of the kernel's CPU clocks.
@@ -122,13 +127,16 @@ fn measure(
 }
 
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.global_rayon {
+        return run(args);
+    }
     // As on the server's decoding threads (`leuknet::decode_pool`): rayon work started by a
     // decoder runs on this thread.
-    leuknet::decode_pool::on_local_rayon(real_main)
+    leuknet::decode_pool::on_local_rayon(|| run(args))
 }
 
-fn real_main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn run(args: Args) -> anyhow::Result<()> {
     let limits = Limits {
         max_pixels: args.max_pixels,
     };
