@@ -8,10 +8,9 @@ use leuknet::color_norm::ColorNormalization;
 use leuknet::model_card::ModelCard;
 use leuknet::train::augment::Augmenter;
 use leuknet::train::card_metrics::{
-    markdown_comparison, refresh_card_metrics, CardFigures, Comparison,
+    card_figures, markdown_comparison, refresh_card_metrics, CardFigures, Comparison,
 };
 use leuknet::train::data::{self, Split};
-use leuknet::train::eval_metrics::summarize;
 use leuknet::train::export::{
     card_data_sources, card_limitations, export, ExportCard, ReferenceImage, WeightStorage,
 };
@@ -624,12 +623,7 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
             true_label: if s.label == 1 { "leukemic" } else { "healthy" }.into(),
         });
     }
-    let mut lodo = serde_json::Map::new();
-    for (key, s) in report::summaries_by_split(&report.runs) {
-        if let Some(split) = key.strip_prefix(&format!("{PROTOCOL_LODO}/")) {
-            lodo.insert(split.to_string(), serde_json::to_value(s)?);
-        }
-    }
+    let (lodo, kfold) = card_figures(&report.runs);
     let storage_checks: Vec<_> = report
         .runs
         .iter()
@@ -638,12 +632,6 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
                 serde_json::json!({"protocol": r.protocol, "test_set": r.split, "seed": r.seed, "check": c})
             })
         })
-        .collect();
-    let kfold: Vec<_> = report
-        .runs
-        .iter()
-        .filter(|r| r.protocol == PROTOCOL_KFOLD)
-        .map(|r| r.metrics.clone())
         .collect();
     let card = ExportCard {
         version: a.version.clone(),
@@ -674,7 +662,7 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         }),
         metrics: serde_json::json!({
             "lodo": lodo,
-            "kfold": if kfold.is_empty() { serde_json::Value::Null } else { serde_json::to_value(summarize(&kfold))? },
+            "kfold": kfold,
             "weight_storage": {
                 "storage": a.weight_storage,
                 "note": "every metric above is of the f32 model on cached activations; each check below evaluates the test set again with whole-network forward passes, f32 weights vs the stored weights, same threshold",

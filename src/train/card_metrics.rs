@@ -118,24 +118,33 @@ struct Figures {
     kfold: Option<Value>,
 }
 
-fn report_figures(report: &Report) -> Figures {
-    let lodo = summaries_by_split(&report.runs)
+/// The card's figures of `runs`: every metric's mean ± std per LODOCV test set, and over every
+/// k-fold run pooled (`None` without k-fold runs). Used by the export and by [`refresh_card_metrics`].
+pub fn card_figures(runs: &[RunRecord]) -> (Map<String, Value>, Option<Value>) {
+    let lodo = summaries_by_split(runs)
         .into_iter()
         .filter_map(|(key, s)| {
             let split = key.strip_prefix(&format!("{PROTOCOL_LODO}/"))?;
             Some((split.to_string(), to_value(s)))
         })
         .collect();
-    let kfold: Vec<_> = report
-        .runs
+    let kfold: Vec<_> = runs
         .iter()
         .filter(|r| r.protocol == PROTOCOL_KFOLD)
         .map(|r| r.metrics.clone())
         .collect();
+    (
+        lodo,
+        (!kfold.is_empty()).then(|| to_value(summarize(&kfold))),
+    )
+}
+
+fn report_figures(report: &Report) -> Figures {
+    let (lodo, kfold) = card_figures(&report.runs);
     Figures {
         recipe: report.config["name"].clone(),
         lodo,
-        kfold: (!kfold.is_empty()).then(|| to_value(summarize(&kfold))),
+        kfold,
     }
 }
 
