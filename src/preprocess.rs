@@ -532,19 +532,22 @@ fn resize_to_tensor(decoded: &Decoded, size: u32) -> Result<Vec<f32>, Preprocess
     };
 
     let plane = size as usize * size as usize;
-    let mut tensor = Vec::with_capacity(3 * plane);
+    let mut tensor = vec![0.0f32; 3 * plane];
+    let (r, gb) = tensor.split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
     match &decoded.pixels {
         Pixels::Gray(_) => {
-            tensor.extend(out.iter().map(|&v| U8_TO_UNIT[usize::from(v)]));
-            tensor.extend_from_within(..plane);
-            tensor.extend_from_within(..plane);
+            for (((&v, r), g), b) in out.iter().zip(r).zip(g).zip(b) {
+                let x = U8_TO_UNIT[usize::from(v)];
+                (*r, *g, *b) = (x, x, x);
+            }
         }
         Pixels::Rgb(_) => {
-            for channel in 0..3 {
-                tensor.extend(
-                    out.chunks_exact(3)
-                        .map(|px| U8_TO_UNIT[usize::from(px[channel])]),
-                );
+            // One pass over the interleaved pixels, writing the three planes.
+            for (((px, r), g), b) in out.chunks_exact(3).zip(r).zip(g).zip(b) {
+                *r = U8_TO_UNIT[usize::from(px[0])];
+                *g = U8_TO_UNIT[usize::from(px[1])];
+                *b = U8_TO_UNIT[usize::from(px[2])];
             }
         }
     }
