@@ -38,10 +38,10 @@ pub fn on_local_rayon<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
-/// A fixed number of decoding threads fed from one queue; dropping the pool lets them finish
-/// their current job and exit.
+/// A fixed number of decoding threads fed from one queue; dropping the pool (its sender) lets
+/// them finish their current job and exit.
 pub struct DecodePool {
-    sender: Mutex<Option<mpsc::Sender<Job>>>,
+    sender: mpsc::Sender<Job>,
     threads: usize,
 }
 
@@ -57,10 +57,7 @@ impl DecodePool {
                 .name(format!("leuknet-decode-{i}"))
                 .spawn(move || on_local_rayon(|| worker(&receiver)))?;
         }
-        Ok(Self {
-            sender: Mutex::new(Some(sender)),
-            threads,
-        })
+        Ok(Self { sender, threads })
     }
 
     /// How many decoding threads there are.
@@ -86,20 +83,10 @@ impl DecodePool {
             });
             let _ = tx.send(out);
         });
-        {
-            let sender = self.sender.lock().map_err(|_| DecodePoolError::Stopped)?;
-            let sender = sender.as_ref().ok_or(DecodePoolError::Stopped)?;
-            sender.send(job).map_err(|_| DecodePoolError::Stopped)?;
-        }
+        self.sender
+            .send(job)
+            .map_err(|_| DecodePoolError::Stopped)?;
         rx.await.map_err(|_| DecodePoolError::Stopped)?
-    }
-}
-
-impl Drop for DecodePool {
-    fn drop(&mut self) {
-        if let Ok(mut sender) = self.sender.lock() {
-            sender.take();
-        }
     }
 }
 
