@@ -5,11 +5,8 @@
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use leuknet::color_norm::ColorNormalization;
-use leuknet::model_card::ModelCard;
 use leuknet::train::augment::Augmenter;
-use leuknet::train::card_metrics::{
-    card_figures, markdown_comparison, refresh_card_metrics, CardFigures, Comparison,
-};
+use leuknet::train::card_metrics::{card_figures, refresh_card_metrics, CardFigures, Comparison};
 use leuknet::train::data::{self, Split};
 use leuknet::train::export::{
     card_data_sources, card_limitations, export, ExportCard, ReferenceImage, WeightStorage,
@@ -326,7 +323,7 @@ fn main() -> Result<()> {
                 done.baselines,
                 done.variants
             );
-            print!("{}", markdown_comparison(&ModelCard::load(&card)?));
+            print!("{}", done.table);
             Ok(())
         }
         Command::Report { report, out_dir } => {

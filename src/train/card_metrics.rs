@@ -294,6 +294,8 @@ pub struct Refreshed {
     pub kfold_runs: usize,
     pub baselines: usize,
     pub variants: usize,
+    /// The card's comparison table as written ([`markdown_comparison`]).
+    pub table: String,
 }
 
 fn seeds_of(runs: &[RunRecord], protocol: &str) -> Vec<u64> {
@@ -370,6 +372,7 @@ pub fn refresh_card_metrics(
         done.variants = variants.len();
         card.metrics["variants"] = Value::Array(variants);
     }
+    done.table = markdown_comparison(&card);
     let mut out = serde_json::to_string_pretty(&card).map_err(|e| card_err(e.to_string()))?;
     out.push('\n');
     std::fs::write(card_path, out).map_err(|e| card_err(e.to_string()))?;
