@@ -90,6 +90,27 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
         3,
         "ALL-IDB2, ALL-Aria2021 and DeepAPL held out once each"
     );
+    // The default threshold rule, inner-sources: each record carries the decision and the
+    // out-of-source predictions it was chosen on, one per training source (five: the manifest's
+    // six sets less the held-out one), each model checkpointed so that a resumed run skips it.
+    for r in runs {
+        let threshold = r["decision"]["threshold"].as_f64().expect("threshold");
+        assert!((0.0..=1.0).contains(&threshold), "{r}");
+        let inner = r["inner_sources"].as_array().expect("inner_sources");
+        assert_eq!(inner.len(), 5, "{r}");
+        assert!(inner.iter().all(|i| i["dataset"] != r["split"]), "{r}");
+        let fitted: u64 = inner
+            .iter()
+            .map(|i| i["metrics"]["n"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(r["decision"]["fitted_on"].as_u64(), Some(fitted), "{r}");
+        let ckpt = out.path().join(format!(
+            "checkpoints/lodo-{}-s1-inner-{}/latest.safetensors",
+            r["split"].as_str().expect("split"),
+            inner[0]["dataset"].as_str().expect("dataset")
+        ));
+        assert!(ckpt.exists(), "{} missing", ckpt.display());
+    }
     for r in runs {
         let check = &r["storage_check"];
         assert_eq!(check["storage"], "int8", "{r}");
@@ -154,6 +175,17 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
         .as_array()
         .expect("reference predictions");
     assert!(refs.len() >= 12, "{} reference images", refs.len());
+    let basis = card["training"]["threshold_basis"]
+        .as_array()
+        .expect("threshold basis");
+    assert_eq!(
+        basis.len(),
+        6,
+        "the final threshold rests on all six sources"
+    );
+    assert!(card["decision"]["chosen_by"]
+        .as_str()
+        .is_some_and(|s| s.contains("out-of-source")));
     assert_eq!(
         card["metrics"]["weight_storage"]["checks"]
             .as_array()

@@ -304,6 +304,8 @@ fn run(protocol: &str, split: &str, seed: u64, labels: &[u8], probs: &[f32]) -> 
         .collect();
     RunRecord {
         storage_check: None,
+        decision: None,
+        inner_sources: Vec::new(),
         protocol: protocol.into(),
         split: split.into(),
         seed,

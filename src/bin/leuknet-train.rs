@@ -575,7 +575,16 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         "final",
         Some(&a.out.join("checkpoints/final")),
     )?;
-    let decision = choose_decision(ctx, &model, &opts, &all, rule, "final")?;
+    let chosen = choose_decision(
+        ctx,
+        &model,
+        &opts,
+        &all,
+        rule,
+        "final",
+        Some(&a.out.join("checkpoints")),
+    )?;
+    let decision = chosen.decision;
     fold_platt(&model, decision.platt_a, decision.platt_b)?;
     let Some(dir) = &a.export_dir else {
         eprintln!("final model trained (no --export-dir: not exported)");
@@ -652,6 +661,7 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
             "options": opts,
             "threshold_rule": rule,
             "calibration": {"method": "Platt, folded into the last layer", "a": decision.platt_a, "b": decision.platt_b, "fitted_on": decision.fitted_on},
+            "threshold_basis": chosen.inner_sources,
             "curve": curve,
             "data": report.data,
             "datasets": seen,

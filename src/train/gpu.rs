@@ -307,7 +307,8 @@ pub fn finalize(opts: &FinalizeOptions) -> Result<FinalInfo, GpuError> {
     };
     let all: Vec<usize> = (0..samples.len()).collect();
     let rule = ThresholdRule::TrainSet;
-    let decision = choose_decision(&ctx, &model, &state.options, &all, rule, "final")?;
+    let decision =
+        choose_decision(&ctx, &model, &state.options, &all, rule, "final", None)?.decision;
     fold_platt(&model, decision.platt_a, decision.platt_b)?;
     let bytes = encode_weights(&model, opts.storage)?;
     let weights = write_parts(

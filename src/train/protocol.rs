@@ -60,7 +60,25 @@ fn fit_decision(logits: &[f32], y: &[u8]) -> Decision {
     }
 }
 
-/// Chooses the decision for a model trained on `train_idx`, following `rule`.
+/// One training source predicted by a model trained without it, scored with the decision that
+/// [`ThresholdRule::InnerSources`] chose from all of them: the evidence the threshold rests on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InnerSourceCheck {
+    pub dataset: String,
+    pub metrics: BinaryMetrics,
+}
+
+/// A decision and, for [`ThresholdRule::InnerSources`], the out-of-source evaluations it was
+/// chosen on (empty for the other rules).
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub decision: Decision,
+    pub inner_sources: Vec<InnerSourceCheck>,
+}
+
+/// Chooses the decision for a model trained on `train_idx`, following `rule`. With
+/// `checkpoint_root`, the inner models of [`ThresholdRule::InnerSources`] are checkpointed
+/// (and resumed) in `<root>/<label>-inner-<dataset>`.
 pub fn choose_decision(
     ctx: &Context,
     model: &LeukNet,
@@ -68,28 +86,54 @@ pub fn choose_decision(
     train_idx: &[usize],
     rule: ThresholdRule,
     label: &str,
-) -> Result<Decision, TrainError> {
+    checkpoint_root: Option<&Path>,
+) -> Result<Chosen, TrainError> {
+    let decision_only = |decision| Chosen {
+        decision,
+        inner_sources: Vec::new(),
+    };
     match rule {
-        ThresholdRule::Fixed(t) => Ok(Decision {
+        ThresholdRule::Fixed(t) => Ok(decision_only(Decision {
             platt_a: 1.0,
             platt_b: 0.0,
             threshold: t,
             fitted_on: 0,
-        }),
+        })),
         ThresholdRule::TrainSet => {
             let (kept, logits) = predict_logits(ctx, model, opts, train_idx);
-            Ok(fit_decision(&logits, &labels(ctx.samples, &kept)))
+            Ok(decision_only(fit_decision(
+                &logits,
+                &labels(ctx.samples, &kept),
+            )))
         }
         ThresholdRule::InnerSources => {
-            let (mut all_logits, mut all_y) = (Vec::new(), Vec::new());
+            let mut folds = Vec::new();
             for inner in inner_source_folds(ctx.samples, train_idx) {
-                let name = format!("{label}/{}", inner.name);
-                let (m, _) = train(ctx, &inner.train, opts, &name, None)?;
+                let name = format!("{label}-{}", inner.name);
+                let ckpt = checkpoint_root.map(|r| r.join(&name));
+                let (m, _) = train(ctx, &inner.train, opts, &name, ckpt.as_deref())?;
                 let (kept, logits) = predict_logits(ctx, &m, opts, &inner.test);
-                all_y.extend(labels(ctx.samples, &kept));
-                all_logits.extend(logits);
+                let dataset = inner.test_dataset.unwrap_or(inner.name);
+                folds.push((dataset, labels(ctx.samples, &kept), logits));
             }
-            Ok(fit_decision(&all_logits, &all_y))
+            let all_logits: Vec<f32> = folds.iter().flat_map(|f| f.2.iter().copied()).collect();
+            let all_y: Vec<u8> = folds.iter().flat_map(|f| f.1.iter().copied()).collect();
+            let decision = fit_decision(&all_logits, &all_y);
+            let inner_sources = folds
+                .into_iter()
+                .map(|(dataset, y, logits)| InnerSourceCheck {
+                    metrics: binary_metrics(
+                        &y,
+                        &decision.probabilities(&logits),
+                        decision.threshold,
+                    ),
+                    dataset,
+                })
+                .collect();
+            Ok(Chosen {
+                decision,
+                inner_sources,
+            })
         }
     }
 }
@@ -169,7 +213,29 @@ pub fn run_split(
     let label = format!("{}-s{}", split.name, opts.seed);
     let ckpt = checkpoint_root.map(|r| r.join(&label));
     let (model, curve) = train(ctx, &split.train, opts, &label, ckpt.as_deref())?;
-    let decision = choose_decision(ctx, &model, opts, &split.train, rule, &label)?;
+    let Chosen {
+        decision,
+        inner_sources,
+    } = choose_decision(
+        ctx,
+        &model,
+        opts,
+        &split.train,
+        rule,
+        &label,
+        checkpoint_root,
+    )?;
+    for check in &inner_sources {
+        tracing::info!(
+            split = %split.name,
+            inner_source = %check.dataset,
+            n = check.metrics.n,
+            accuracy = check.metrics.accuracy,
+            balanced_accuracy = check.metrics.balanced_accuracy,
+            auc = ?check.metrics.auc,
+            "out-of-source prediction behind the threshold"
+        );
+    }
     let (kept, logits) = predict_logits(ctx, &model, opts, &split.test);
     let y = labels(ctx.samples, &kept);
     let p = decision.probabilities(&logits);
@@ -221,6 +287,8 @@ pub fn run_split(
         curve,
         roc,
         storage_check,
+        decision: Some(decision),
+        inner_sources,
     };
     Ok((record, decision, model))
 }

@@ -55,6 +55,13 @@ pub struct RunRecord {
     /// What storing the weights as fp16/int8 changes on this test set, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_check: Option<StorageCheck>,
+    /// The calibration and threshold applied to the test set (chosen on training data only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<super::protocol::Decision>,
+    /// With the `inner-sources` rule: each training source predicted by a model trained
+    /// without it, scored with that decision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inner_sources: Vec<super::protocol::InnerSourceCheck>,
 }
 
 /// The same model evaluated with f32 weights and with its weights as stored in a converted ONNX
