@@ -341,6 +341,21 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
         table.contains("| baseline: svm |") && table.contains("| variant: penultimate SVM |"),
         "{table}"
     );
+    // The last column: how readable the source is from the features, where a features.json
+    // measured it (the frozen-feature baseline), and "—" for a trained model's own report.
+    let source = baseline["lodo"]["ALL-IDB2"]["source_accuracy"]["mean"]
+        .as_f64()
+        .expect("source readability");
+    let svm_row = table
+        .lines()
+        .find(|l| l.starts_with("| baseline: svm |"))
+        .expect("svm row");
+    assert!(
+        svm_row.contains(&format!("{:.1}", source * 100.0)),
+        "{svm_row}"
+    );
+    let shipped_row = table.lines().nth(2).expect("shipped row");
+    assert!(shipped_row.ends_with("| — |"), "{shipped_row}");
     let limits = updated["limitations"].to_string();
     assert!(limits.contains("over 2 seeds"), "{limits}");
     leuknet::model_card::ModelCard::load(&export.join("leuknet.json"))

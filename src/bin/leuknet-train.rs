@@ -126,9 +126,14 @@ enum InitChoice {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ThresholdChoice {
+    /// --fixed-threshold on the uncalibrated probability.
     Fixed,
+    /// Platt and threshold on the training images' own predictions.
     TrainSet,
+    /// On out-of-source predictions: one extra model per training source, trained without it.
     InnerSources,
+    /// As inner-sources, for the training sources holding both classes only.
+    InnerBothClassSources,
 }
 
 #[derive(clap::Args)]
@@ -396,6 +401,7 @@ fn run(a: RunArgs) -> Result<()> {
         ThresholdChoice::Fixed => ThresholdRule::Fixed(a.fixed_threshold),
         ThresholdChoice::TrainSet => ThresholdRule::TrainSet,
         ThresholdChoice::InnerSources => ThresholdRule::InnerSources,
+        ThresholdChoice::InnerBothClassSources => ThresholdRule::InnerBothClassSources,
     };
 
     let base = options(&a, a.seed);
@@ -649,12 +655,17 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
             seen.len()
         ),
         threshold: decision.threshold,
-        threshold_chosen_by: match rule {
+        threshold_chosen_by: match chosen.rule {
             ThresholdRule::Fixed(t) => format!("fixed at {t}"),
+            ThresholdRule::TrainSet if rule != ThresholdRule::TrainSet => format!(
+                "maximum balanced accuracy of the calibrated probability on the training images: the inner-sources rule was asked for, but its {} out-of-source predictions ranked the classes the wrong way round (threshold_basis)",
+                chosen.inner_sources.iter().map(|c| c.metrics.n).sum::<usize>()
+            ),
             ThresholdRule::TrainSet => "maximum balanced accuracy of the calibrated probability on the training images".into(),
-            ThresholdRule::InnerSources => format!(
-                "maximum balanced accuracy of the calibrated probability on {} out-of-source predictions (each training source predicted by a model trained without it)",
-                decision.fitted_on
+            ThresholdRule::InnerSources | ThresholdRule::InnerBothClassSources => format!(
+                "maximum balanced accuracy of the calibrated probability on {} out-of-source predictions (each training source{} predicted by a model trained without it)",
+                decision.fitted_on,
+                if chosen.rule == ThresholdRule::InnerBothClassSources { " holding both classes" } else { "" }
             ),
         },
         training: serde_json::json!({

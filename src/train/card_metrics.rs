@@ -379,8 +379,9 @@ pub fn refresh_card_metrics(
     Ok(done)
 }
 
-/// The card's comparison as a Markdown table: LODOCV balanced accuracy / AUC per held-out set
-/// and k-fold balanced accuracy, for the shipped recipe, then each baseline and variant.
+/// The card's comparison as a Markdown table: LODOCV balanced accuracy / AUC per held-out set,
+/// k-fold balanced accuracy and, where measured, how readable the source dataset is from the
+/// features, for the shipped recipe, then each baseline and variant.
 pub fn markdown_comparison(card: &ModelCard) -> String {
     let m = &card.metrics;
     let sets: Vec<String> = m["lodo"]
@@ -406,17 +407,32 @@ pub fn markdown_comparison(card: &ModelCard) -> String {
             None => pct(&s["balanced_accuracy"]),
         }
     };
+    // How well a nearest-centroid classifier reads the source dataset from the same features,
+    // per held-out set (one figure where all are equal); only rows from a features.json have it.
+    let source = |entry: &Value| -> String {
+        let v: Vec<String> = sets
+            .iter()
+            .filter_map(|s| entry["lodo"][s]["source_accuracy"]["mean"].as_f64())
+            .map(|x| format!("{:.1}", x * 100.0))
+            .collect();
+        match v.first() {
+            None => "—".into(),
+            Some(first) if v.iter().all(|x| x == first) => format!("{first} %"),
+            Some(_) => format!("{} %", v.join(" / ")),
+        }
+    };
     let mut out = format!(
-        "| model | {} | stratified k-fold |\n|---|{}---|\n",
+        "| model | {} | stratified k-fold | source readable from the features |\n|---|{}---|---|\n",
         sets.join(" | "),
         "---|".repeat(sets.len())
     );
     let mut row = |name: &str, entry: &Value| {
         let cells: Vec<String> = sets.iter().map(|s| cell(&entry["lodo"][s])).collect();
         out.push_str(&format!(
-            "| {name} | {} | {} |\n",
+            "| {name} | {} | {} | {} |\n",
             cells.join(" | "),
-            cell(&entry["kfold"])
+            cell(&entry["kfold"]),
+            source(entry)
         ));
     };
     let seeds = m["lodo_report"]["seeds"].as_array().map_or(0, Vec::len);

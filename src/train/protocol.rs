@@ -2,7 +2,7 @@
 //! different seeds; the decision threshold and the Platt calibration are chosen on training
 //! data only (never on the test set), by leave-one-source-out inside the training datasets.
 
-use super::data::{inner_source_folds, Sample, Split};
+use super::data::{has_both_classes, inner_source_folds, Sample, Split};
 use super::eval_metrics::{
     apply_platt, best_threshold_balanced_accuracy, binary_metrics, fit_platt, roc_curve,
     BinaryMetrics,
@@ -26,6 +26,9 @@ pub enum ThresholdRule {
     /// Platt fit and balanced-accuracy threshold on out-of-source predictions: one extra model
     /// per training source, trained without that source and predicting it.
     InnerSources,
+    /// As `InnerSources`, with only the training sources that hold both classes predicted (a
+    /// one-class source cannot rank): fewer extra models, fitted where both classes are.
+    InnerBothClassSources,
 }
 
 /// A Platt calibration `p = sigmoid(a * logit + b)` and the threshold on `p`.
@@ -60,6 +63,15 @@ fn fit_decision(logits: &[f32], y: &[u8]) -> Decision {
     }
 }
 
+/// The decision fitted on out-of-source predictions, or `None` where its Platt slope is not
+/// positive: the predictions rank the classes the wrong way round (e.g. an inner fold left with
+/// one leukemic source, whose models learn that source), and calibrating on them would invert
+/// the model.
+pub fn out_of_source_decision(logits: &[f32], y: &[u8]) -> Option<Decision> {
+    let d = fit_decision(logits, y);
+    (d.platt_a > 0.0).then_some(d)
+}
+
 /// One training source predicted by a model trained without it, scored with the decision that
 /// [`ThresholdRule::InnerSources`] chose from all of them: the evidence the threshold rests on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,16 +80,19 @@ pub struct InnerSourceCheck {
     pub metrics: BinaryMetrics,
 }
 
-/// A decision and, for [`ThresholdRule::InnerSources`], the out-of-source evaluations it was
-/// chosen on (empty for the other rules).
+/// A decision and, for the inner-source rules, the out-of-source evaluations it was chosen on
+/// (empty for the other rules).
 #[derive(Debug, Clone)]
 pub struct Chosen {
     pub decision: Decision,
+    /// The rule that gave `decision`: the one asked for, or [`ThresholdRule::TrainSet`] where
+    /// the out-of-source predictions ranked the classes the wrong way round.
+    pub rule: ThresholdRule,
     pub inner_sources: Vec<InnerSourceCheck>,
 }
 
 /// Chooses the decision for a model trained on `train_idx`, following `rule`. With
-/// `checkpoint_root`, the inner models of [`ThresholdRule::InnerSources`] are checkpointed
+/// `checkpoint_root`, the inner models of the inner-source rules are checkpointed
 /// (and resumed) in `<root>/<label>-inner-<dataset>`.
 pub fn choose_decision(
     ctx: &Context,
@@ -90,6 +105,7 @@ pub fn choose_decision(
 ) -> Result<Chosen, TrainError> {
     let decision_only = |decision| Chosen {
         decision,
+        rule,
         inner_sources: Vec::new(),
     };
     match rule {
@@ -106,9 +122,14 @@ pub fn choose_decision(
                 &labels(ctx.samples, &kept),
             )))
         }
-        ThresholdRule::InnerSources => {
+        ThresholdRule::InnerSources | ThresholdRule::InnerBothClassSources => {
             let mut folds = Vec::new();
-            for inner in inner_source_folds(ctx.samples, train_idx) {
+            let inner_folds = inner_source_folds(ctx.samples, train_idx)
+                .into_iter()
+                .filter(|f| {
+                    rule == ThresholdRule::InnerSources || has_both_classes(ctx.samples, &f.test)
+                });
+            for inner in inner_folds {
                 let name = format!("{label}-{}", inner.name);
                 let ckpt = checkpoint_root.map(|r| r.join(&name));
                 let (m, _) = train(ctx, &inner.train, opts, &name, ckpt.as_deref())?;
@@ -118,7 +139,18 @@ pub fn choose_decision(
             }
             let all_logits: Vec<f32> = folds.iter().flat_map(|f| f.2.iter().copied()).collect();
             let all_y: Vec<u8> = folds.iter().flat_map(|f| f.1.iter().copied()).collect();
-            let decision = fit_decision(&all_logits, &all_y);
+            let (decision, used) = match out_of_source_decision(&all_logits, &all_y) {
+                Some(d) => (d, rule),
+                None => {
+                    tracing::warn!(
+                        run = label,
+                        "out-of-source predictions rank the classes the wrong way round; threshold and calibration from the training images instead"
+                    );
+                    let (kept, logits) = predict_logits(ctx, model, opts, train_idx);
+                    let d = fit_decision(&logits, &labels(ctx.samples, &kept));
+                    (d, ThresholdRule::TrainSet)
+                }
+            };
             let inner_sources = folds
                 .into_iter()
                 .map(|(dataset, y, logits)| InnerSourceCheck {
@@ -132,6 +164,7 @@ pub fn choose_decision(
                 .collect();
             Ok(Chosen {
                 decision,
+                rule: used,
                 inner_sources,
             })
         }
@@ -215,6 +248,7 @@ pub fn run_split(
     let (model, curve) = train(ctx, &split.train, opts, &label, ckpt.as_deref())?;
     let Chosen {
         decision,
+        rule: rule_used,
         inner_sources,
     } = choose_decision(
         ctx,
@@ -288,6 +322,7 @@ pub fn run_split(
         roc,
         storage_check,
         decision: Some(decision),
+        threshold_rule: Some(rule_used),
         inner_sources,
     };
     Ok((record, decision, model))
