@@ -278,9 +278,22 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
             "{bad} changed the card"
         );
     }
+    // A limitation is written with the recipe's LODOCV figures; without them it is refused.
+    let alone = card_metrics_with(&[], &[svm.clone(), "--limitation=chosen by hand".into()]);
+    assert!(
+        !alone.status.success(),
+        "a limitation without LODOCV runs was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&alone.stderr).contains("LODOCV report"),
+        "{}",
+        String::from_utf8_lossy(&alone.stderr)
+    );
+    assert_eq!(json(&export.join("leuknet.json")), card);
     let merged = card_metrics_with(
         &[&report_path, &report2],
         &[
+            "--limitation=The recipe was chosen by hand.".into(),
             svm,
             format!(
                 "--variant=penultimate SVM={}#leuknet-penultimate",
@@ -358,6 +371,11 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
     assert!(shipped_row.ends_with("| — |"), "{shipped_row}");
     let limits = updated["limitations"].to_string();
     assert!(limits.contains("over 2 seeds"), "{limits}");
+    assert_eq!(
+        updated["limitations"].as_array().and_then(|l| l.last()),
+        Some(&serde_json::json!("The recipe was chosen by hand.")),
+        "{limits}"
+    );
     leuknet::model_card::ModelCard::load(&export.join("leuknet.json"))
         .expect("the server still loads it");
 }

@@ -81,6 +81,11 @@ enum Command {
         /// `metrics.variants`.
         #[arg(long, env = "LEUKNET_TRAIN_VARIANTS", value_delimiter = '\n')]
         variant: Vec<Comparison>,
+        /// A known limit of the shipped model to add after those written from the recipe's
+        /// LODOCV figures (e.g. how its recipe was chosen); repeat the flag (or one per line in
+        /// the variable). Needs a --report with LODOCV runs.
+        #[arg(long, env = "LEUKNET_TRAIN_LIMITATIONS", value_delimiter = '\n')]
+        limitation: Vec<String>,
     },
     /// Writes the tables (table.md), plots and epochs.csv of a report.json again, e.g. of a run
     /// made on the GPU machine or after the table format changed.
@@ -299,6 +304,7 @@ fn main() -> Result<()> {
             report: paths,
             baseline,
             variant,
+            limitation,
         } => {
             if paths.is_empty() && baseline.is_empty() && variant.is_empty() {
                 bail!("nothing to put into the card: give --report, --baseline or --variant");
@@ -318,6 +324,7 @@ fn main() -> Result<()> {
                     recipe: merged.as_ref().map(|r| (r, paths.as_slice())),
                     baselines: &baseline,
                     variants: &variant,
+                    limitations: &limitation,
                 },
             )?;
             eprintln!(

@@ -283,6 +283,8 @@ pub struct CardFigures<'a> {
     pub baselines: &'a [Comparison],
     /// Rows for `metrics.variants` (replaced when non-empty).
     pub variants: &'a [Comparison],
+    /// Known limits added after those written from the recipe's LODOCV figures (needs them).
+    pub limitations: &'a [String],
 }
 
 /// What [`refresh_card_metrics`] changed.
@@ -329,6 +331,15 @@ pub fn refresh_card_metrics(
     if !card.metrics.is_object() {
         card.metrics = json!({});
     }
+    let lodo_given = figures
+        .recipe
+        .is_some_and(|(r, _)| r.runs.iter().any(|run| run.protocol == PROTOCOL_LODO));
+    if !figures.limitations.is_empty() && !lodo_given {
+        return Err(card_err(
+            "limitations are written with the recipe's LODOCV figures: give its LODOCV report too"
+                .into(),
+        ));
+    }
     let mut done = Refreshed::default();
     if let Some((report, paths)) = figures.recipe {
         let f = report_figures(report);
@@ -348,6 +359,7 @@ pub fn refresh_card_metrics(
         if !f.lodo.is_empty() {
             let seeds = seeds_of(&report.runs, PROTOCOL_LODO);
             card.limitations = card_limitations(&f.lodo, seeds.len() as u64);
+            card.limitations.extend(figures.limitations.iter().cloned());
             card.metrics["lodo"] = Value::Object(f.lodo);
             card.metrics["lodo_report"] = json!({
                 "files": paths, "seeds": seeds, "config": report.config, "note": note("LODOCV"),
