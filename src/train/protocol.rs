@@ -73,7 +73,8 @@ pub fn out_of_source_decision(logits: &[f32], y: &[u8]) -> Option<Decision> {
 }
 
 /// One training source predicted by a model trained without it, scored with the decision that
-/// [`ThresholdRule::InnerSources`] chose from all of them: the evidence the threshold rests on.
+/// an inner-source rule took from all of them (or, where it fell back, from the training
+/// images): the evidence the threshold rests on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InnerSourceCheck {
     pub dataset: String,
