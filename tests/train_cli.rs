@@ -186,6 +186,10 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
     assert!(card["decision"]["chosen_by"]
         .as_str()
         .is_some_and(|s| s.contains("out-of-source")));
+    // The rule asked for, and the one that gave the threshold (the same, or the fall-back).
+    assert_eq!(card["training"]["threshold_rule_asked"], "inner-sources");
+    let used = &card["training"]["threshold_rule"];
+    assert!(used == "inner-sources" || used == "train-set", "{used}");
     assert_eq!(
         card["metrics"]["weight_storage"]["checks"]
             .as_array()

@@ -665,7 +665,8 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         threshold_chosen_by: match chosen.rule {
             ThresholdRule::Fixed(t) => format!("fixed at {t}"),
             ThresholdRule::TrainSet if rule != ThresholdRule::TrainSet => format!(
-                "maximum balanced accuracy of the calibrated probability on the training images: the inner-sources rule was asked for, but its {} out-of-source predictions ranked the classes the wrong way round (threshold_basis)",
+                "maximum balanced accuracy of the calibrated probability on the training images: the {} rule was asked for, but its {} out-of-source predictions ranked the classes the wrong way round (threshold_basis)",
+                serde_json::to_value(rule)?.as_str().unwrap_or("inner-source"),
                 chosen.inner_sources.iter().map(|c| c.metrics.n).sum::<usize>()
             ),
             ThresholdRule::TrainSet => "maximum balanced accuracy of the calibrated probability on the training images".into(),
@@ -677,7 +678,8 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
         },
         training: serde_json::json!({
             "options": opts,
-            "threshold_rule": rule,
+            "threshold_rule": chosen.rule,
+            "threshold_rule_asked": rule,
             "calibration": {"method": "Platt, folded into the last layer", "a": decision.platt_a, "b": decision.platt_b, "fitted_on": decision.fitted_on},
             "threshold_basis": chosen.inner_sources,
             "curve": curve,

@@ -63,6 +63,17 @@ fn fit_decision(logits: &[f32], y: &[u8]) -> Decision {
     }
 }
 
+/// The decision fitted on the training images' own predictions ([`ThresholdRule::TrainSet`]).
+fn train_set_decision(
+    ctx: &Context,
+    model: &LeukNet,
+    opts: &TrainOptions,
+    train_idx: &[usize],
+) -> Decision {
+    let (kept, logits) = predict_logits(ctx, model, opts, train_idx);
+    fit_decision(&logits, &labels(ctx.samples, &kept))
+}
+
 /// The decision fitted on out-of-source predictions, or `None` where its Platt slope is not
 /// positive: the predictions rank the classes the wrong way round (e.g. an inner fold left with
 /// one leukemic source, whose models learn that source), and calibrating on them would invert
@@ -116,13 +127,9 @@ pub fn choose_decision(
             threshold: t,
             fitted_on: 0,
         })),
-        ThresholdRule::TrainSet => {
-            let (kept, logits) = predict_logits(ctx, model, opts, train_idx);
-            Ok(decision_only(fit_decision(
-                &logits,
-                &labels(ctx.samples, &kept),
-            )))
-        }
+        ThresholdRule::TrainSet => Ok(decision_only(train_set_decision(
+            ctx, model, opts, train_idx,
+        ))),
         ThresholdRule::InnerSources | ThresholdRule::InnerBothClassSources => {
             let mut folds = Vec::new();
             let inner_folds = inner_source_folds(ctx.samples, train_idx)
@@ -147,8 +154,7 @@ pub fn choose_decision(
                         run = label,
                         "out-of-source predictions rank the classes the wrong way round; threshold and calibration from the training images instead"
                     );
-                    let (kept, logits) = predict_logits(ctx, model, opts, train_idx);
-                    let d = fit_decision(&logits, &labels(ctx.samples, &kept));
+                    let d = train_set_decision(ctx, model, opts, train_idx);
                     (d, ThresholdRule::TrainSet)
                 }
             };

@@ -58,12 +58,12 @@ pub struct RunRecord {
     /// The calibration and threshold applied to the test set (chosen on training data only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<super::protocol::Decision>,
-    /// The rule that gave `decision` (the `inner-sources` rule falls back to `train-set` where
-    /// the out-of-source predictions rank the classes the wrong way round).
+    /// The rule that gave `decision` (the inner-source rules fall back to `train-set` where the
+    /// out-of-source predictions rank the classes the wrong way round).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold_rule: Option<super::protocol::ThresholdRule>,
-    /// With the `inner-sources` rule: each training source predicted by a model trained
-    /// without it, scored with that decision.
+    /// With an inner-source rule: each training source it predicted by a model trained without
+    /// it, scored with that decision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inner_sources: Vec<super::protocol::InnerSourceCheck>,
 }
