@@ -6,6 +6,13 @@ request to having read the whole answer. Because every round asks every server w
 or so, a change in the machine's speed (other work, CPU frequency) hits all of them alike, and
 the per-round differences (ours minus a peer) measure what the services add, not the weather.
 
+Each request waits `--gap-ms` first (the harness uses 200): ONNX Runtime's intra-op threads keep
+spinning for some tens of milliseconds after a run, so a request sent to one server the moment
+another has answered shares the two cores with that server's spinning threads. Measured on this
+2-core VM (one TIFF cell, leuknet-server vs FastAPI vs leuknet-server without spinning): with no
+gap every server's p50 was 160-185 ms and depended on which server it followed; with 80 or 300 ms
+all three were 146-149 ms, the same as back-to-back requests to one server alone.
+
 Prints one JSON object: per server p50/p90/mean ms; per peer the median of the paired
 differences with a 95 % bootstrap interval, and the share of rounds in which ours was faster.
 
@@ -65,6 +72,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="rounds not counted")
     ap.add_argument("--type", default="application/octet-stream", help="Content-Type")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="pause before every request, so that it arrives at a quiet machine")
     ap.add_argument("file")
     a = ap.parse_args()
     body = open(a.file, "rb").read()
@@ -74,13 +83,17 @@ def main() -> None:
     ms: dict[str, list[float]] = {n: [] for n in names}
     for r in range(a.warmup + a.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
-        got = {n: clients[n].post(body, a.type) for n in order}
+        got = {}
+        for n in order:
+            if a.gap_ms > 0:
+                time.sleep(a.gap_ms / 1000)
+            got[n] = clients[n].post(body, a.type)
         if r >= a.warmup:
             for n in names:
                 ms[n].append(got[n])
     ref = names[0]
     rng = random.Random(a.seed)
-    out = {"file": a.file, "rounds": a.rounds, "ref": ref, "servers": {}, "vs_ref": {}}
+    out = {"file": a.file, "rounds": a.rounds, "gap_ms": a.gap_ms, "ref": ref, "servers": {}, "vs_ref": {}}
     for n in names:
         out["servers"][n] = {"p50_ms": round(statistics.median(ms[n]), 2),
                              "p90_ms": round(statistics.quantiles(ms[n], n=10, method="inclusive")[8], 2),

@@ -280,7 +280,9 @@ for r in rows:
               f"{raw_single_ms} ms = {r['added_p50_ms']} ms added by HTTP, decoding and queueing")
 for kind, e in comparison.items():
     for peer, v in e.get("latency_c1_pairs", {}).get("vs_ref", {}).items():
-        print(f"{kind}, concurrency 1 in pairs ({e['latency_c1_pairs']['rounds']} rounds): "
+        pairs = e["latency_c1_pairs"]
+        print(f"{kind}, concurrency 1 in pairs ({pairs['rounds']} rounds, "
+              f"{pairs.get('gap_ms', 0):g} ms gap): "
               f"leuknet - {peer} = {v['median_diff_ms']} ms (median of paired differences, 95 % "
               f"CI {v['ci95_ms'][0]} .. {v['ci95_ms'][1]}); leuknet faster in "
               f"{v['ref_faster_share'] * 100:.0f} % of rounds")

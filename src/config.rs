@@ -59,6 +59,10 @@ pub struct ServerConfig {
     #[arg(long, env = "LEUKNET_INTRA_OP_SPINNING", default_value_t = true, action = clap::ArgAction::Set)]
     pub intra_op_spinning: bool,
 
+    /// Whether ONNX Runtime's kernels keep pre-packed copies of their weights (true/false).
+    #[arg(long, env = "LEUKNET_PREPACKING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prepacking: bool,
+
     /// Most malloc arenas (glibc) the process may use; 0 = glibc's default (8 per core). Few
     /// arenas keep the resident set near what is live under load (bench/memory measures it);
     /// the MALLOC_ARENA_MAX environment variable, when set, takes precedence.
@@ -221,6 +225,7 @@ impl ServerConfig {
             cpu_mem_arena: self.cpu_mem_arena,
             memory_pattern: self.memory_pattern,
             intra_op_spinning: self.intra_op_spinning,
+            prepacking: self.prepacking,
         }
     }
 
@@ -296,10 +301,10 @@ mod tests {
     }
 
     #[test]
-    fn memory_flags_default_to_arena_on_pattern_off_spinning_on() {
+    fn memory_flags_default_to_arena_on_pattern_off_spinning_on_prepacking_on() {
         let c = parse(&[]);
         let t = c.session_tuning();
-        assert!(t.cpu_mem_arena && !t.memory_pattern && t.intra_op_spinning);
+        assert!(t.cpu_mem_arena && !t.memory_pattern && t.intra_op_spinning && t.prepacking);
         assert_eq!(t, crate::engine::SessionTuning::default());
         let c = parse(&[
             "--cpu-mem-arena",
@@ -308,9 +313,11 @@ mod tests {
             "true",
             "--intra-op-spinning",
             "false",
+            "--prepacking",
+            "false",
         ]);
         let t = c.session_tuning();
-        assert!(!t.cpu_mem_arena && t.memory_pattern && !t.intra_op_spinning);
+        assert!(!t.cpu_mem_arena && t.memory_pattern && !t.intra_op_spinning && !t.prepacking);
         assert!(
             ServerConfig::try_parse_from(["leuknet-server", "--cpu-mem-arena", "maybe"]).is_err()
         );

@@ -113,6 +113,10 @@ pub struct SessionTuning {
     /// Whether the intra-op worker threads spin while waiting for work (faster hand-offs,
     /// but the spinning burns CPU that image decoding on the same cores could use).
     pub intra_op_spinning: bool,
+    /// Whether kernels keep a pre-packed copy of their weights (ONNX Runtime's default). Off
+    /// (`session.disable_prepacking`): one copy of the weights, packed per run where a kernel
+    /// needs it.
+    pub prepacking: bool,
 }
 
 impl Default for SessionTuning {
@@ -122,6 +126,7 @@ impl Default for SessionTuning {
             cpu_mem_arena: true,
             memory_pattern: false,
             intra_op_spinning: true,
+            prepacking: true,
         }
     }
 }
@@ -388,6 +393,8 @@ fn build_session(
         .with_memory_pattern(tuning.memory_pattern)
         .map_err(err(EngineError::Session))?
         .with_intra_op_spinning(tuning.intra_op_spinning)
+        .map_err(err(EngineError::Session))?
+        .with_prepacking(tuning.prepacking)
         .map_err(err(EngineError::Session))?;
     if options.intra_threads > 0 {
         builder = builder

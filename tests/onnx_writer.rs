@@ -2,7 +2,9 @@
 //! ONNX Runtime, and compared with a plain-loop forward pass written here from the definition
 //! (zero-padded 3x3 conv, ReLU, 2x2 max-pool, linear, sigmoid).
 
-use leuknet::engine::{init_runtime, Device, Engine, EngineOptions, DEFAULT_ORT_LIBRARY};
+use leuknet::engine::{
+    init_runtime, Device, Engine, EngineOptions, SessionTuning, DEFAULT_ORT_LIBRARY,
+};
 use leuknet::model_card::{Classes, Decision, InputSpec, ModelCard, TensorSpec};
 use leuknet::onnx::writer::{
     write_leuknet, InputNormalization, LeukNetSpec, OnnxWriteError, VggLayer, INPUT_NAME,
@@ -319,6 +321,60 @@ fn check_against_reference(normalization: Option<InputNormalization>, seed: u64)
             .map(|image| reference(&unreversed, &weights, image).0)
             .collect();
         assert!(max_abs_diff(&logits, &other) > 100.0 * TOLERANCE);
+    }
+}
+
+/// Every session switch the server exposes (arena, memory pattern, spinning, pre-packing)
+/// changes how ONNX Runtime runs the graph, never what it computes.
+#[test]
+fn every_session_tuning_matches_the_reference() {
+    let spec = tiny_spec(None);
+    let mut rng = StdRng::seed_from_u64(11);
+    let weights = random_weights(&spec, &mut rng);
+    let image_len = 3 * spec.input_size * spec.input_size;
+    let images: Vec<f32> = (0..BATCH * image_len)
+        .map(|_| rng.random::<f32>())
+        .collect();
+    let model = write_leuknet(&spec, &weights).expect("tiny spec with all weights writes");
+    let want: Vec<f64> = images
+        .chunks(image_len)
+        .map(|image| reference(&spec, &weights, image).1)
+        .collect();
+    runtime();
+    let options = EngineOptions {
+        device: Device::Cpu,
+        intra_threads: 2,
+    };
+    let default = SessionTuning::default();
+    let flipped = [
+        SessionTuning {
+            cpu_mem_arena: !default.cpu_mem_arena,
+            ..default
+        },
+        SessionTuning {
+            memory_pattern: !default.memory_pattern,
+            ..default
+        },
+        SessionTuning {
+            intra_op_spinning: !default.intra_op_spinning,
+            ..default
+        },
+        SessionTuning {
+            prepacking: !default.prepacking,
+            ..default
+        },
+    ];
+    for tuning in std::iter::once(default).chain(flipped) {
+        let mut engine =
+            Engine::load_tuned(&model, &card(&spec, PROBABILITY_OUTPUT), &options, &tuning)
+                .unwrap_or_else(|e| panic!("{tuning:?}: session not built: {e}"));
+        for _ in 0..2 {
+            let probabilities = engine
+                .run(images.clone(), BATCH)
+                .unwrap_or_else(|e| panic!("{tuning:?}: run failed: {e}"));
+            let d = max_abs_diff(&probabilities, &want);
+            assert!(d <= TOLERANCE, "{tuning:?}: {probabilities:?} vs {want:?}");
+        }
     }
 }
 

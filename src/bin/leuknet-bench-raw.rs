@@ -67,6 +67,9 @@ struct Args {
     /// Intra-op thread spinning (true/false), as the server's --intra-op-spinning.
     #[arg(long, env = "LEUKNET_BENCH_INTRA_OP_SPINNING", default_value_t = SessionTuning::default().intra_op_spinning, action = clap::ArgAction::Set)]
     intra_op_spinning: bool,
+    /// Pre-packed weight copies (true/false), as the server's --prepacking.
+    #[arg(long, env = "LEUKNET_BENCH_PREPACKING", default_value_t = SessionTuning::default().prepacking, action = clap::ArgAction::Set)]
+    prepacking: bool,
 
     /// Largest image in pixels accepted by preprocessing, as the server's --max-pixels.
     #[arg(long, env = "LEUKNET_BENCH_MAX_PIXELS", default_value_t = 40_000_000)]
@@ -240,6 +243,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         cpu_mem_arena: args.cpu_mem_arena,
         memory_pattern: args.memory_pattern,
         intra_op_spinning: args.intra_op_spinning,
+        prepacking: args.prepacking,
     };
     let (card, mut engine) = engine::load_from_card_tuned(&args.model_card, &options, &tuning)?;
     let images = images(
@@ -284,6 +288,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             "cpu_mem_arena": args.cpu_mem_arena,
             "memory_pattern": args.memory_pattern,
             "intra_op_spinning": args.intra_op_spinning,
+            "prepacking": args.prepacking,
         })
     );
     Ok(())
