@@ -280,7 +280,16 @@ fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn check_against_reference(normalization: Option<InputNormalization>, seed: u64) {
+/// A tiny graph with random weights, written, and `BATCH` random images for it.
+struct Written {
+    spec: LeukNetSpec,
+    weights: HashMap<String, Vec<f32>>,
+    model: Vec<u8>,
+    images: Vec<f32>,
+    image_len: usize,
+}
+
+fn written(normalization: Option<InputNormalization>, seed: u64) -> Written {
     let spec = tiny_spec(normalization);
     let mut rng = StdRng::seed_from_u64(seed);
     let weights = random_weights(&spec, &mut rng);
@@ -288,8 +297,24 @@ fn check_against_reference(normalization: Option<InputNormalization>, seed: u64)
     let images: Vec<f32> = (0..BATCH * image_len)
         .map(|_| rng.random::<f32>())
         .collect();
-
     let model = write_leuknet(&spec, &weights).expect("tiny spec with all weights writes");
+    Written {
+        spec,
+        weights,
+        model,
+        images,
+        image_len,
+    }
+}
+
+fn check_against_reference(normalization: Option<InputNormalization>, seed: u64) {
+    let Written {
+        spec,
+        weights,
+        model,
+        images,
+        image_len,
+    } = written(normalization, seed);
     let (logits, probabilities) = run_onnx(&spec, &model, &images);
 
     let expected: Vec<(f64, f64)> = images
@@ -328,17 +353,11 @@ fn check_against_reference(normalization: Option<InputNormalization>, seed: u64)
 /// changes how ONNX Runtime runs the graph, never what it computes.
 #[test]
 fn every_session_tuning_matches_the_reference() {
-    let spec = tiny_spec(None);
-    let mut rng = StdRng::seed_from_u64(11);
-    let weights = random_weights(&spec, &mut rng);
-    let image_len = 3 * spec.input_size * spec.input_size;
-    let images: Vec<f32> = (0..BATCH * image_len)
-        .map(|_| rng.random::<f32>())
-        .collect();
-    let model = write_leuknet(&spec, &weights).expect("tiny spec with all weights writes");
-    let want: Vec<f64> = images
-        .chunks(image_len)
-        .map(|image| reference(&spec, &weights, image).1)
+    let w = written(None, 11);
+    let want: Vec<f64> = w
+        .images
+        .chunks(w.image_len)
+        .map(|image| reference(&w.spec, &w.weights, image).1)
         .collect();
     runtime();
     let options = EngineOptions {
@@ -365,12 +384,16 @@ fn every_session_tuning_matches_the_reference() {
         },
     ];
     for tuning in std::iter::once(default).chain(flipped) {
-        let mut engine =
-            Engine::load_tuned(&model, &card(&spec, PROBABILITY_OUTPUT), &options, &tuning)
-                .unwrap_or_else(|e| panic!("{tuning:?}: session not built: {e}"));
+        let mut engine = Engine::load_tuned(
+            &w.model,
+            &card(&w.spec, PROBABILITY_OUTPUT),
+            &options,
+            &tuning,
+        )
+        .unwrap_or_else(|e| panic!("{tuning:?}: session not built: {e}"));
         for _ in 0..2 {
             let probabilities = engine
-                .run(images.clone(), BATCH)
+                .run(w.images.clone(), BATCH)
                 .unwrap_or_else(|e| panic!("{tuning:?}: run failed: {e}"));
             let d = max_abs_diff(&probabilities, &want);
             assert!(d <= TOLERANCE, "{tuning:?}: {probabilities:?} vs {want:?}");
