@@ -120,7 +120,7 @@ pub struct SessionTuning {
 }
 
 impl Default for SessionTuning {
-    /// Arena on, memory pattern off, spinning on.
+    /// Arena on, memory pattern off, spinning on, pre-packing on.
     fn default() -> Self {
         SessionTuning {
             cpu_mem_arena: true,
