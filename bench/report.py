@@ -10,6 +10,7 @@ import os
 import sys
 
 from hostinfo import cpu_model
+import targets as issue_targets
 
 env = os.environ
 work, out, stamp = env["REPORT_WORK"], env["REPORT_OUT"], env["REPORT_STAMP"]
@@ -198,6 +199,7 @@ result = {
         "ok": parity["ok"], "tolerance": parity["tolerance"],
         "kind_tolerance": parity.get("kind_tolerance"), "max_abs_dp": parity["per_kind"]},
     "comparison": comparison,
+    "targets": issue_targets.judge(comparison, summary.get("execution_provider")),
     "rows": rows,
     # The pre-peers figures, kept under their old name for older readers.
     "server": [r for r in rows if r["server"] == OURS],
@@ -220,7 +222,9 @@ try:
             if not rs:
                 continue
             xs = [r["concurrency"] for r in rs]
-            style = dict(marker="o", linewidth=2.5 if target == OURS else 1.5)
+            # One colour per server in every panel (fastapi-nodraft runs on fields only).
+            style = dict(marker="o", linewidth=2.5 if target == OURS else 1.5,
+                         color=f"C{targets.index(target)}")
             top.plot(xs, [r["images_per_s"] for r in rs], label=target, **style)
             bottom.plot(xs, [r["p50_ms"] for r in rs], label=f"{target} p50", **style)
         top.axhline(raw_during.get(kind, raw_best), color="grey", linestyle="--",
@@ -286,6 +290,9 @@ for kind, e in comparison.items():
               f"leuknet - {peer} = {v['median_diff_ms']} ms (median of paired differences, 95 % "
               f"CI {v['ci95_ms'][0]} .. {v['ci95_ms'][1]}); leuknet faster in "
               f"{v['ref_faster_share'] * 100:.0f} % of rounds")
+print()
+for line in issue_targets.lines(result["targets"]):
+    print(line)
 if any(r["non_200"] or r["errors"] for r in rows):
     print("* non-200 responses or client errors; see non_200 and errors in the JSON")
 with open(out, "w") as f:
