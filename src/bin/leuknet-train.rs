@@ -174,6 +174,11 @@ struct RunArgs {
     /// First seed.
     #[arg(long, env = "LEUKNET_TRAIN_SEED", default_value_t = 1)]
     seed: u64,
+    /// Seed of the augmented views in the activation cache (default: --seed). Every run of one
+    /// command shares the first seed's views: to redo run `--seed 2 --runs 4`'s seed 4 alone,
+    /// give `--seed 4 --view-seed 2`. Part of the cache's key.
+    #[arg(long, env = "LEUKNET_TRAIN_VIEW_SEED")]
+    view_seed: Option<u64>,
     /// k of stratified k-fold.
     #[arg(long, env = "LEUKNET_TRAIN_FOLDS", default_value_t = 5)]
     folds: usize,
@@ -349,6 +354,31 @@ fn main() -> Result<()> {
     }
 }
 
+/// What the activation cache's file name is hashed from: everything its content depends on.
+/// Views past the first are augmented, drawn with `view_seed`; a cache of one view keeps the key
+/// it had before the view seed was part of it.
+fn cache_key(
+    samples: &[data::Sample],
+    rules: &str,
+    base: &TrainOptions,
+    stage: Stage,
+    init: &Init,
+    view_seed: u64,
+) -> serde_json::Value {
+    let mut key = serde_json::json!({
+        "samples": samples.iter().map(|s| &s.sha256).collect::<Vec<_>>(),
+        "rules": rules,
+        "views": base.views, "augmenter": base.augmenter, "color_norm": base.color_norm,
+        "seed": if matches!(init, Init::Scratch) { Some(base.seed) } else { None },
+        "stage": format!("{stage:?}"), "width_div": base.width_div,
+        "init": format!("{init:?}"), "mode": base.mode, "frozen": base.frozen_blocks,
+    });
+    if base.views > 1 {
+        key["view_seed"] = view_seed.into();
+    }
+    key
+}
+
 fn options(a: &RunArgs, seed: u64) -> TrainOptions {
     TrainOptions {
         mode: a.mode,
@@ -419,14 +449,9 @@ fn run(a: RunArgs) -> Result<()> {
         None
     } else {
         let model = fresh_model(&base, &init, device)?;
-        let key = serde_json::json!({
-            "samples": samples.iter().map(|s| &s.sha256).collect::<Vec<_>>(),
-            "rules": std::fs::read_to_string(&a.rules).unwrap_or_default(),
-            "views": base.views, "augmenter": base.augmenter, "color_norm": base.color_norm,
-            "seed": if matches!(init, Init::Scratch) { Some(base.seed) } else { None },
-            "stage": format!("{stage:?}"), "width_div": base.width_div,
-            "init": format!("{init:?}"), "mode": base.mode, "frozen": base.frozen_blocks,
-        });
+        let view_seed = a.view_seed.unwrap_or(base.seed);
+        let rules = std::fs::read_to_string(&a.rules).unwrap_or_default();
+        let key = cache_key(&samples, &rules, &base, stage, &init, view_seed);
         let hash = leuknet::model_card::sha256_hex(key.to_string().as_bytes());
         let file = a.out.join("cache").join(format!("acts-{}.pt", &hash[..16]));
         Some(build_cache(
@@ -436,7 +461,7 @@ fn run(a: RunArgs) -> Result<()> {
             base.views,
             &base.augmenter,
             &base.color_norm,
-            base.seed,
+            view_seed,
             Some(&file),
         )?)
     };
@@ -705,4 +730,36 @@ fn final_model(a: &RunArgs, ctx: &Context, report: &Report, rule: ThresholdRule)
     let out = export(&model, dir, &a.name, card, &parity, a.weight_storage)?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(args: &[&str], view_seed: u64) -> String {
+        let Command::Run(a) = Cli::parse_from(["leuknet-train", "run"].iter().chain(args)).command
+        else {
+            unreachable!("parsed as run")
+        };
+        let base = options(&a, a.seed);
+        let init = Init::ImageNet(PathBuf::from("vgg16.safetensors"));
+        cache_key(&[], "", &base, Stage::Pool(4), &init, view_seed).to_string()
+    }
+
+    #[test]
+    fn augmented_views_are_cached_per_view_seed() {
+        let two = ["--views", "2", "--seed", "4"];
+        assert_ne!(key(&two, 2), key(&two, 4), "views drawn with another seed");
+        // The run's own seed does not enter it (ImageNet init): seed 4 of a `--seed 2 --runs 4`
+        // command shares seed 2's views.
+        assert_eq!(key(&two, 2), key(&["--views", "2", "--seed", "2"], 2));
+        assert!(key(&two, 2).contains("\"view_seed\":2"));
+    }
+
+    #[test]
+    fn a_single_view_cache_keeps_its_old_key() {
+        let one = ["--views", "1"];
+        assert_eq!(key(&one, 1), key(&one, 9));
+        assert!(!key(&one, 1).contains("view_seed"));
+    }
 }
