@@ -5,9 +5,10 @@ CPU (execution provider `cpu`), per input kind:
   - saturated images/s >= 0.95x the raw engine's (`ratio_vs_raw`);
   - >= 1.0x every peer's best images/s, and >= 1.2x the FastAPI peer with Pillow's plain path
     (`fastapi-nodraft`) on 2592x1944 JPEGs (`fields`);
-  - p50 at concurrency 1 below every peer's: judged on the latency pairs, met when the median
-    of the paired differences (ours - peer) is below zero *and* its 95 % interval is too (a
-    difference inside the run-to-run noise is a tie, not a win);
+  - p50 at concurrency 1 below every peer's: judged on the latency pairs, met when our p50
+    there is below the peer's *and* the median of the paired differences (ours - peer) and its
+    95 % interval are below zero (a difference inside the run-to-run noise is a tie, not a win;
+    on a VM whose speed drifts the two p50s can disagree with the paired differences);
   - peak RSS below every peer's.
 CUDA: >= 2x the best peer on fields; >= 0.8x the raw engine on 224x224 inputs (`aria`).
 """
@@ -54,11 +55,16 @@ def judge(comparison: dict, provider: str | None, ours: str = "leuknet") -> list
         if kind == "fields" and PLAIN_FASTAPI in over:
             out.append(_at_least(kind, f"images/s vs {PLAIN_FASTAPI}, plain Pillow",
                                  over[PLAIN_FASTAPI]["images_per_s"], CPU_PLAIN_FASTAPI_FIELDS))
-        for peer, v in sorted(e.get("latency_c1_pairs", {}).get("vs_ref", {}).items()):
+        pairs = e.get("latency_c1_pairs", {})
+        p50 = {name: v.get("p50_ms") for name, v in pairs.get("servers", {}).items()}
+        for peer, v in sorted(pairs.get("vs_ref", {}).items()):
             diff, (lo, hi) = v["median_diff_ms"], v["ci95_ms"]
-            out.append(_target(kind, f"p50 at c=1 vs {peer}", [diff, lo, hi],
-                               "ours - peer [median, 95 % CI] in ms: all < 0",
-                               diff < 0 and hi < 0))
+            ours_p50, peer_p50 = p50.get(ours), p50.get(peer)
+            below = ours_p50 is not None and peer_p50 is not None and ours_p50 < peer_p50
+            out.append(_target(kind, f"p50 at c=1 vs {peer}",
+                               {"p50_ms": [ours_p50, peer_p50], "paired_diff_ms": [diff, lo, hi]},
+                               "our p50 below the peer's, and ours - peer [median, 95 % CI] all < 0",
+                               below and diff < 0 and hi < 0))
     return out
 
 

@@ -65,14 +65,20 @@ fn comparison() -> Value {
             "ratio_vs_best_peer": 1.03,
             "ours_over_peer": {"fastapi": peer(1.03, 0.86)},
             // ours faster on the median, but the interval spans zero: a tie
-            "latency_c1_pairs": {"vs_ref": {"fastapi": pair(-0.8, -2.4, 0.6)}},
+            "latency_c1_pairs": {
+                "servers": {"leuknet": {"p50_ms": 87.2}, "fastapi": {"p50_ms": 87.8}},
+                "vs_ref": {"fastapi": pair(-0.8, -2.4, 0.6)},
+            },
         },
         "fields": {
             "servers": {"leuknet": {}, "fastapi": {}, "fastapi-nodraft": {}},
             "ratio_vs_raw": 0.949,
             "ratio_vs_best_peer": 1.06,
             "ours_over_peer": {"fastapi": peer(1.06, 1.02), "fastapi-nodraft": peer(1.19, 0.9)},
-            "latency_c1_pairs": {"vs_ref": {"fastapi": pair(-4.5, -6.3, -3.0)}},
+            "latency_c1_pairs": {
+                "servers": {"leuknet": {"p50_ms": 106.4}, "fastapi": {"p50_ms": 111.5}},
+                "vs_ref": {"fastapi": pair(-4.5, -6.3, -3.0)},
+            },
         },
         "aria": {
             "servers": {"leuknet": {}, "fastapi": {}},
@@ -107,6 +113,16 @@ fn a_tie_at_concurrency_one_is_not_a_win() {
         "1.02: above"
     );
     assert_eq!(met(&r, "fields", "peak RSS vs fastapi-nodraft"), true);
+}
+
+#[test]
+fn paired_differences_below_zero_do_not_hide_a_higher_p50() {
+    // As on a drifting VM (20261208T060521Z, cells): the paired median says ours is faster,
+    // the two p50s say the peer is.
+    let mut c = comparison();
+    c["fields"]["latency_c1_pairs"]["servers"]["leuknet"]["p50_ms"] = json!(112.0);
+    let r = judge(&c, "cpu");
+    assert_eq!(met(&r, "fields", "p50 at c=1 vs fastapi"), false);
 }
 
 #[test]
