@@ -104,13 +104,32 @@ fn run_lodo_features_and_int8_export_on_tiny_model() {
             .map(|i| i["metrics"]["n"].as_u64().unwrap_or(0))
             .sum();
         assert_eq!(r["decision"]["fitted_on"].as_u64(), Some(fitted), "{r}");
-        let ckpt = out.path().join(format!(
-            "checkpoints/lodo-{}-s1-inner-{}/latest.safetensors",
-            r["split"].as_str().expect("split"),
-            inner[0]["dataset"].as_str().expect("dataset")
-        ));
-        assert!(ckpt.exists(), "{} missing", ckpt.display());
+        // Named after the two sources the inner model lacks (the held-out set and the inner
+        // one), so that outer A's model without B is outer B's model without A.
+        for i in inner {
+            let mut lacks = [
+                r["split"].as_str().expect("split"),
+                i["dataset"].as_str().expect("dataset"),
+            ];
+            lacks.sort_unstable();
+            let prefix = format!("inner-s1-without-{}-", lacks.join("+"));
+            let found: Vec<_> = ckpts
+                .iter()
+                .filter(|d| {
+                    let name = d.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    name.starts_with(&prefix) && d.join("latest.safetensors").exists()
+                })
+                .collect();
+            assert_eq!(found.len(), 1, "{prefix}*: {ckpts:?}");
+        }
     }
+    // 3 held-out sets x 5 inner models, of which the 3 pairs among the held-out sets coincide.
+    let pairs = ckpts
+        .iter()
+        .filter_map(|d| d.file_name().and_then(|n| n.to_str()))
+        .filter(|n| n.starts_with("inner-s1-without-") && n.contains('+'))
+        .count();
+    assert_eq!(pairs, 12, "{ckpts:?}");
     for r in runs {
         let check = &r["storage_check"];
         assert_eq!(check["storage"], "int8", "{r}");

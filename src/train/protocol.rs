@@ -105,7 +105,7 @@ pub struct Chosen {
 
 /// Chooses the decision for a model trained on `train_idx`, following `rule`. With
 /// `checkpoint_root`, the inner models of the inner-source rules are checkpointed
-/// (and resumed) in `<root>/<label>-inner-<dataset>`.
+/// (and resumed) in `<root>/`[`inner_checkpoint_name`].
 pub fn choose_decision(
     ctx: &Context,
     model: &LeukNet,
@@ -139,7 +139,8 @@ pub fn choose_decision(
                 });
             for inner in inner_folds {
                 let name = format!("{label}-{}", inner.name);
-                let ckpt = checkpoint_root.map(|r| r.join(&name));
+                let ckpt = checkpoint_root
+                    .map(|r| r.join(inner_checkpoint_name(ctx.samples, &inner.train, opts.seed)));
                 let (m, _) = train(ctx, &inner.train, opts, &name, ckpt.as_deref())?;
                 let (kept, logits) = predict_logits(ctx, &m, opts, &inner.test);
                 let dataset = inner.test_dataset.unwrap_or(inner.name);
@@ -176,6 +177,27 @@ pub fn choose_decision(
             })
         }
     }
+}
+
+/// The checkpoint folder of an inner model, named after what it is trained on rather than after
+/// its outer run: `inner-s<seed>-without-<the sources it lacks, sorted, joined by +>-<hash of its
+/// samples>`. Under leave-one-source-out the inner model of outer set A without B and that of B
+/// without A train on the same sources; with one folder they are trained once (a resumed
+/// [`train`] still checks the options and the exact samples before it reuses a checkpoint).
+pub fn inner_checkpoint_name(samples: &[Sample], train: &[usize], seed: u64) -> String {
+    let present: std::collections::BTreeSet<&str> =
+        train.iter().map(|&i| samples[i].dataset.as_str()).collect();
+    let absent: std::collections::BTreeSet<&str> = samples
+        .iter()
+        .map(|s| s.dataset.as_str())
+        .filter(|d| !present.contains(d))
+        .collect();
+    let mut sorted = train.to_vec();
+    sorted.sort_unstable();
+    let hashes: String = sorted.iter().map(|&i| samples[i].sha256.as_str()).collect();
+    let hash = crate::model_card::sha256_hex(hashes.as_bytes());
+    let absent: Vec<&str> = absent.into_iter().collect();
+    format!("inner-s{seed}-without-{}-{}", absent.join("+"), &hash[..12])
 }
 
 /// What storing `model`'s weights as `storage` changes on the test samples `test_idx`: both the
@@ -333,4 +355,55 @@ pub fn run_split(
         inner_sources,
     };
     Ok((record, decision, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dataset: &str, i: usize) -> Sample {
+        Sample {
+            dataset: dataset.into(),
+            path: format!("{dataset}/{i}.png").into(),
+            label: (i % 2) as u8,
+            fine_label: String::new(),
+            patient: None,
+            sha256: format!("{i:064x}"),
+        }
+    }
+
+    #[test]
+    fn inner_models_on_the_same_sources_share_one_checkpoint() {
+        let samples: Vec<Sample> = ["A", "B", "C", "D"]
+            .iter()
+            .enumerate()
+            .flat_map(|(d, name)| (0..3).map(move |i| sample(name, d * 3 + i)))
+            .collect();
+        let without = |out: &[&str]| -> Vec<usize> {
+            (0..samples.len())
+                .filter(|&i| !out.contains(&samples[i].dataset.as_str()))
+                .collect()
+        };
+        // Outer A, inner B and outer B, inner A: the same training set, in any order.
+        let ab = inner_checkpoint_name(&samples, &without(&["A", "B"]), 4);
+        let mut reversed = without(&["B", "A"]);
+        reversed.reverse();
+        assert_eq!(ab, inner_checkpoint_name(&samples, &reversed, 4));
+        assert!(ab.starts_with("inner-s4-without-A+B-"), "{ab}");
+        // Another seed, another source left out, or one sample fewer: another folder.
+        assert_ne!(
+            ab,
+            inner_checkpoint_name(&samples, &without(&["A", "B"]), 5)
+        );
+        assert_ne!(
+            ab,
+            inner_checkpoint_name(&samples, &without(&["A", "C"]), 4)
+        );
+        let fewer = &without(&["A", "B"])[1..];
+        let other = inner_checkpoint_name(&samples, fewer, 4);
+        assert!(
+            other.starts_with("inner-s4-without-A+B-") && other != ab,
+            "{other}"
+        );
+    }
 }
