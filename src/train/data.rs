@@ -1586,6 +1586,19 @@ pub fn limit_per_class(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sa
         .collect()
 }
 
+/// A sample for unit tests: `<dataset>/<k>.png`, label `k % 2`, sha256 `<dataset>-<k>`.
+#[cfg(test)]
+pub(crate) fn test_sample(dataset: &str, k: usize) -> Sample {
+    Sample {
+        dataset: dataset.into(),
+        path: PathBuf::from(format!("{dataset}/{k}.png")),
+        label: (k % 2) as u8,
+        fine_label: String::new(),
+        patient: None,
+        sha256: format!("{dataset}-{k}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

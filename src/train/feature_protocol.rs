@@ -401,16 +401,7 @@ pub fn leuknet_run(
 mod tests {
     use super::*;
 
-    fn sample(dataset: &str, k: usize) -> Sample {
-        Sample {
-            dataset: dataset.into(),
-            path: std::path::PathBuf::from(format!("{dataset}/{k}.png")),
-            label: (k % 2) as u8,
-            fine_label: String::new(),
-            patient: None,
-            sha256: format!("{dataset}-{k}"),
-        }
-    }
+    use crate::train::data::test_sample as sample;
 
     #[test]
     fn source_is_readable_from_separated_features_and_not_from_identical_ones() {

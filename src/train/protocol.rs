@@ -361,16 +361,7 @@ pub fn run_split(
 mod tests {
     use super::*;
 
-    fn sample(dataset: &str, i: usize) -> Sample {
-        Sample {
-            dataset: dataset.into(),
-            path: format!("{dataset}/{i}.png").into(),
-            label: (i % 2) as u8,
-            fine_label: String::new(),
-            patient: None,
-            sha256: format!("{i:064x}"),
-        }
-    }
+    use crate::train::data::test_sample as sample;
 
     #[test]
     fn inner_models_on_the_same_sources_share_one_checkpoint() {
