@@ -152,7 +152,8 @@ struct CheckpointState {
     curve: Vec<EpochRow>,
 }
 
-fn hash_indices(samples: &[Sample], idx: &[usize]) -> String {
+/// sha256 of the samples' own sha256s in the order given: what a checkpoint was trained on.
+pub(crate) fn hash_indices(samples: &[Sample], idx: &[usize]) -> String {
     let mut all = String::new();
     for &i in idx {
         all.push_str(&samples[i].sha256);

@@ -7,7 +7,7 @@ use super::eval_metrics::{
     apply_platt, best_threshold_balanced_accuracy, binary_metrics, fit_platt, roc_curve,
     BinaryMetrics,
 };
-use super::finetune::{predict_logits, train, Context, TrainError, TrainOptions};
+use super::finetune::{hash_indices, predict_logits, train, Context, TrainError, TrainOptions};
 use super::model::LeukNet;
 use super::report::{RunRecord, StorageCheck};
 use crate::onnx::WeightStorage;
@@ -194,8 +194,7 @@ pub fn inner_checkpoint_name(samples: &[Sample], train: &[usize], seed: u64) -> 
         .collect();
     let mut sorted = train.to_vec();
     sorted.sort_unstable();
-    let hashes: String = sorted.iter().map(|&i| samples[i].sha256.as_str()).collect();
-    let hash = crate::model_card::sha256_hex(hashes.as_bytes());
+    let hash = hash_indices(samples, &sorted);
     let absent: Vec<&str> = absent.into_iter().collect();
     format!("inner-s{seed}-without-{}-{}", absent.join("+"), &hash[..12])
 }
